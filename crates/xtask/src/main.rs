@@ -1,0 +1,117 @@
+//! `cargo xtask …`: Apiary's one entry point for setting up, testing and benchmarking.
+//!
+//! ```text
+//! cargo xtask test     install what is missing, then fmt check, clippy -D warnings, every test suite
+//! cargo xtask setup    only install what is missing (system packages, the cached hivemind venv)
+//! cargo xtask golden   regenerate the golden vectors with real hivemind (crates/wire/tests/golden)
+//! cargo xtask bench    tensor codec benchmark, Apiary and hivemind side by side on this machine
+//! ```
+//!
+//! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
+//! holds the hivemind venv; `.ci/run` points `CARGO_TARGET_DIR` there too.
+
+mod bench;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+    match cmd.as_str() {
+        "test" => test(&rest),
+        "setup" => setup::all().map(|_| ()),
+        "golden" => golden(),
+        "bench" => bench::run(&rest),
+        "help" | "-h" | "--help" => {
+            eprintln!("{}", HELP);
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n{HELP}"),
+    }
+}
+
+const HELP: &str = "usage: cargo xtask <test|setup|golden|bench>
+  test    install prerequisites, then fmt check, clippy -D warnings and every test suite
+  setup   install prerequisites only (system packages, cached hivemind venv)
+  golden  regenerate crates/wire/tests/golden with real hivemind
+  bench   tensor codec benchmark beside hivemind's serialize/deserialize on this machine";
+
+/// The workspace root (the folder holding the top `Cargo.toml`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("xtask lives in crates/xtask")
+        .to_path_buf()
+}
+
+/// Prints the step and why, runs it in the workspace root, fails loudly on a non-zero exit.
+pub fn step(why: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("\n==> {why}\n    $ {}", show(cmd));
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("could not start `{}`", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+pub fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let env = setup::all()?;
+    step(
+        "formatting must match rustfmt.toml",
+        cargo().args(["fmt", "--all", "--check"]),
+    )?;
+    step(
+        "clippy on every target, warnings are errors",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    step(
+        "every test suite (unit, golden vectors against hivemind, interop through the hivemind venv)",
+        cargo()
+            .args(["test", "--workspace"])
+            .args(extra)
+            .env("APIARY_HIVEMIND_PYTHON", &env.hivemind_python),
+    )?;
+    eprintln!("\nxtask: all checks passed");
+    Ok(())
+}
+
+fn golden() -> Result<()> {
+    let env = setup::all()?;
+    let out = root().join("crates/wire/tests/golden");
+    step(
+        "regenerate golden vectors with real hivemind 1.1.12",
+        Command::new(&env.hivemind_python)
+            .arg(root().join("tests/interop/golden.py"))
+            .arg("--out")
+            .arg(&out),
+    )
+}
