@@ -264,6 +264,9 @@ def decode_only_cases():
     yield "descr_list_size_defaults", raw_descr(
         size=[None, 3], dtype="torch.double", layout=None, device_type=None, device_index=5
     )
+    yield "descr_ignored_device_field", raw_descr(
+        size=(None, 2), dtype="int64", layout="torch.strided", device_type=None, device_index=None, device="cuda"
+    )
     yield "descr_device_index", raw_descr(
         size=(None,), dtype=None, layout="torch.strided", device_type="cuda", device_index=3, requires_grad=True
     )
@@ -296,6 +299,7 @@ def error_cases():
     yield "tuple_payload_trailing", bytes.fromhex("d5409001")
     yield "tuple_payload_empty", bytes.fromhex("c70040")
     yield "tuple_payload_truncated", bytes.fromhex("d440a1")
+    yield "tuple_of_timestamp", ext(0x40, bytes.fromhex("d6ff00000001"))
     yield "map_int_key", bytes.fromhex("810102")
     yield "map_nil_key", bytes.fromhex("81c001")
     yield "map_bool_key", bytes.fromhex("81c301")
@@ -406,6 +410,18 @@ def rpc_infos():
 # ------------------------------------------------------------------------------------------------
 
 
+def dump_one_per_line(doc) -> str:
+    """JSON with one case per line: small and diff-friendly"""
+    parts = []
+    for k, v in doc.items():
+        if isinstance(v, list):
+            inner = ",\n  ".join(json.dumps(x, ensure_ascii=False) for x in v)
+            parts.append(f" {json.dumps(k)}: [\n  {inner}\n ]")
+        else:
+            parts.append(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def generate(out_dir: Path):
     values = [case_from_bytes(name, S.dumps(obj)) for name, obj in value_cases()]
     for case in values:
@@ -462,7 +478,7 @@ def generate(out_dir: Path):
         "dhtid_pairs": pairs,
         "rpc_info": infos,
     }
-    (out_dir / "msgpack.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    (out_dir / "msgpack.json").write_text(dump_one_per_line(doc))
 
 
 def cli(argv):

@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import struct
 import sys
 import warnings
@@ -74,7 +75,7 @@ def describe_record(name, record, validator):
         "key": record.key.hex(),
         "subkey": record.subkey.hex(),
         "value": record.value.hex(),
-        "expiration_time": record.expiration_time,
+        "expiration_time": record.expiration_time if math.isfinite(record.expiration_time) else repr(record.expiration_time),
         "expiration_bits": exp_bits(record.expiration_time),
         "verdict": v,
         "error": err,
@@ -184,6 +185,18 @@ def key_info(key: RSAPrivateKey, file_name: str):
     }
 
 
+def dump_one_per_line(doc) -> str:
+    """JSON with one case per line: small and diff-friendly"""
+    parts = []
+    for k, v in doc.items():
+        if isinstance(v, list):
+            inner = ",\n  ".join(json.dumps(x, ensure_ascii=False) for x in v)
+            parts.append(f" {json.dumps(k)}: [\n  {inner}\n ]")
+        else:
+            parts.append(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def generate(out_dir: Path):
     test_key = load_or_make_key(out_dir / "test_key.der")
     other_key = load_or_make_key(out_dir / "other_key.der")
@@ -208,7 +221,7 @@ def generate(out_dir: Path):
         "keys": {"test": key_info(test_key, "test_key.der"), "other": key_info(other_key, "other_key.der")},
         "records": records,
     }
-    (out_dir / "records.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out_dir / "records.json").write_text(dump_one_per_line(doc))
 
 
 def cli(argv):

@@ -81,10 +81,10 @@ def dtype_name(t: torch.Tensor) -> str:
 
 def classify(err: Exception, t: torch.Tensor, codec: str) -> str:
     msg = str(err)
-    if t.numel() == 0 and codec in ("UNIFORM_8BIT", "QUANTILE_8BIT"):
-        return "empty"
     if "does not support" in msg or "Quantize only works on Float Tensor" in msg:
         return "unsupported_dtype"
+    if t.numel() == 0 and codec in ("UNIFORM_8BIT", "QUANTILE_8BIT"):
+        return "empty"
     if codec == "MEANSTD_16BIT" and t.dim() == 0:
         return "scalar"
     return f"other:{type(err).__name__}"
@@ -126,7 +126,7 @@ def encode_case(name: str, t: torch.Tensor, requires_grad: bool, blob: Blob, cod
             continue
         decoded = deserialize_torch_tensor(proto)
         results[codec] = {
-            "proto": blob.add(proto.SerializeToString()),
+            "proto": blob.add(proto.SerializeToString(), force_inline=True),
             "decoded": blob.add(raw_bytes(decoded)),
             "decoded_dtype": dtype_name(decoded),
             "decoded_shape": list(decoded.shape),

@@ -4,7 +4,7 @@
 //! [`HivemindPeer`] runs `tests/interop/hivemind_peer.py` in it, waits for its `ready` line and stops it
 //! when dropped. Tests that need hivemind fail — they never skip — when the venv is missing.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -29,13 +29,15 @@ pub fn hivemind_python() -> PathBuf {
     if let Some(p) = std::env::var_os("APIARY_HIVEMIND_PYTHON") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var_os("APIARY_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir)
-            .join("apiary")
-    });
+    let cache = std::env::var_os("APIARY_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("apiary")
+        });
     let python = cache.join("hivemind-venv/bin/python");
     assert!(
         python.exists(),
@@ -81,14 +83,18 @@ impl HivemindPeer {
                 }
             }
         });
-        let mut peer = Self { child, stdin, lines, ready: serde_json::Value::Null };
+        let mut peer = Self {
+            child,
+            stdin,
+            lines,
+            ready: serde_json::Value::Null,
+        };
         let deadline = std::time::Instant::now() + timeout;
         peer.ready = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = peer
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("hivemind peer `{mode}` printed no ready line within {timeout:?}"));
+            let line = peer.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("hivemind peer `{mode}` printed no ready line within {timeout:?}")
+            });
             match line["event"].as_str() {
                 Some("ready") => break line,
                 Some("error") => panic!("hivemind peer `{mode}` failed: {}", line["error"]),
@@ -112,13 +118,6 @@ impl HivemindPeer {
     pub fn next_line(&self, timeout: Duration) -> Option<serde_json::Value> {
         self.lines.recv_timeout(timeout).ok()
     }
-
-    /// Writes a line to the peer's stdin (modes that read commands).
-    pub fn send_line(&mut self, line: &str) {
-        if let Some(stdin) = self.stdin.as_mut() {
-            let _ = writeln!(stdin, "{line}");
-        }
-    }
 }
 
 impl Drop for HivemindPeer {
@@ -134,24 +133,4 @@ impl Drop for HivemindPeer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Runs a one-shot `hivemind_peer.py MODE ARGS…` and returns its `result` line; panics on `error`.
-pub fn hivemind_oneshot(mode: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(hivemind_python())
-        .arg(interop_dir().join("hivemind_peer.py"))
-        .arg(mode)
-        .args(args)
-        .output()
-        .expect("could not start hivemind_peer.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .last()
-        .unwrap_or_else(|| {
-            panic!("hivemind_peer.py {mode} printed nothing: {}", String::from_utf8_lossy(&out.stderr))
-        });
-    assert_eq!(last["event"], "result", "hivemind_peer.py {mode} failed: {last}");
-    last
 }

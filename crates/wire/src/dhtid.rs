@@ -52,7 +52,8 @@ impl DhtId {
     pub const MAX: DhtId = DhtId([0xff; DhtId::LEN]);
 
     /// The id of a DHT key, as `DHTID.generate(source=key)` computes it: `sha1(key)` for `bytes` keys,
-    /// `sha1(MSGPackSerializer.dumps(key))` for every other value.
+    /// `sha1(MSGPackSerializer.dumps(key))` for every other value. (hivemind draws a random id for a
+    /// `None` source, so `None` is never a usable key; this hashes `msgpack(None)` like any value.)
     pub fn from_key(key: &Value) -> DhtId {
         match key {
             Value::Bin(raw) => DhtId::from_raw_bytes(raw),
@@ -78,7 +79,9 @@ impl DhtId {
 
     /// The id in the 20 given big-endian bytes (`DHTID.from_bytes`).
     pub fn from_bytes(bytes: &[u8]) -> Result<DhtId, DhtIdError> {
-        <[u8; DhtId::LEN]>::try_from(bytes).map(DhtId).map_err(|_| DhtIdError::WrongLength { got: bytes.len() })
+        <[u8; DhtId::LEN]>::try_from(bytes)
+            .map(DhtId)
+            .map_err(|_| DhtIdError::WrongLength { got: bytes.len() })
     }
 
     /// The 20 big-endian bytes (`DHTID.to_bytes()`), as sent in `NodeInfo.node_id` and DHT keys.
@@ -196,12 +199,18 @@ mod tests {
 
     #[test]
     fn known_ids() {
-        assert_eq!(DhtId::from_key(&Value::from("ffn.0.5")).to_string(), "fb166bc637dbb6bf8e27460f94bbf41e1e69c6a4");
+        assert_eq!(
+            DhtId::from_key(&Value::from("ffn.0.5")).to_string(),
+            "fb166bc637dbb6bf8e27460f94bbf41e1e69c6a4"
+        );
         // bytes keys are hashed raw, other keys as msgpack
         let raw = DhtId::from_key(&Value::bin(b"ffn.0.5".to_vec()));
         assert_eq!(raw, DhtId::from_raw_bytes(b"ffn.0.5"));
         assert_ne!(raw, DhtId::from_key(&Value::from("ffn.0.5")));
-        assert_eq!(DhtId::from_key(&Value::from("ffn.0.5")), DhtId::from_raw_bytes(b"\xa7ffn.0.5"));
+        assert_eq!(
+            DhtId::from_key(&Value::from("ffn.0.5")),
+            DhtId::from_raw_bytes(b"\xa7ffn.0.5")
+        );
     }
 
     #[test]
@@ -209,8 +218,14 @@ mod tests {
         let id = DhtId::random();
         assert_eq!(DhtId::from_bytes(&id.to_bytes()).unwrap(), id);
         assert_eq!(id.to_string().parse::<DhtId>().unwrap(), id);
-        assert_eq!(DhtId::from_bytes(&[0; 19]), Err(DhtIdError::WrongLength { got: 19 }));
-        assert_eq!(DhtId::from_bytes(&[0; 21]), Err(DhtIdError::WrongLength { got: 21 }));
+        assert_eq!(
+            DhtId::from_bytes(&[0; 19]),
+            Err(DhtIdError::WrongLength { got: 19 })
+        );
+        assert_eq!(
+            DhtId::from_bytes(&[0; 21]),
+            Err(DhtIdError::WrongLength { got: 21 })
+        );
         assert_eq!("zz".parse::<DhtId>(), Err(DhtIdError::BadHex));
         assert_eq!("é".repeat(20).parse::<DhtId>(), Err(DhtIdError::BadHex));
         assert_eq!(format!("{:?}", DhtId::MIN), format!("DhtId({})", "0".repeat(40)));

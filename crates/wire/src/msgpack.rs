@@ -38,7 +38,9 @@
 //!   and [`BatchTensorDescriptor`]).
 //!
 //! Deliberate differences: unknown ext codes stay [`Value::Ext`] (hivemind turns them into `bytes`),
-//! and msgpack timestamps (ext −1) are checked like msgpack-python does but kept as raw [`Ext`].
+//! msgpack timestamps (ext −1) are checked like msgpack-python does but kept as raw [`Ext`], and
+//! encoding a [`DictionaryDhtValue`] writes every entry, where hivemind's `packb` first drops the expired
+//! ones (it reads the clock; call [`DictionaryDhtValue::remove_outdated`] with the DHT time first).
 
 mod dht_value;
 mod tensor_descr;
@@ -508,7 +510,10 @@ impl Value {
 
     /// The value under the `str` key `key`, if this is a `dict` that has it.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+        self.as_map()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
     }
 
     /// The `DictionaryDHTValue`, if this is one.
@@ -597,7 +602,8 @@ impl Value {
             (Value::Ext(a), Value::Ext(b)) => a == b,
             (Value::Map(a), Value::Map(b)) => {
                 a.len() == b.len()
-                    && a.iter().all(|(k, v)| b.iter().any(|(k2, v2)| k.py_eq(k2) && v.py_eq(v2)))
+                    && a.iter()
+                        .all(|(k, v)| b.iter().any(|(k2, v2)| k.py_eq(k2) && v.py_eq(v2)))
             }
             _ => false,
         }
@@ -953,7 +959,9 @@ fn emit<S: Sink>(v: &Value, s: &mut S) {
             }
         }
         Value::Tuple(items) => emit_ext_payload(TUPLE_EXT_CODE, Payload::Seq(items), s),
-        Value::DictionaryDhtValue(d) => emit_ext_payload(DICTIONARY_DHT_VALUE_EXT_CODE, Payload::Dictionary(d), s),
+        Value::DictionaryDhtValue(d) => {
+            emit_ext_payload(DICTIONARY_DHT_VALUE_EXT_CODE, Payload::Dictionary(d), s)
+        }
         Value::TensorDescriptor(d) => {
             let map = d.to_value();
             emit_ext_payload(BATCH_TENSOR_DESCRIPTOR_EXT_CODE, Payload::Value(&map), s);
@@ -979,8 +987,9 @@ fn emit_seq<S: Sink>(items: &[Value], s: &mut S) {
 ///
 /// The decoder never allocates more than a small multiple of the input for the value tree it builds
 /// (declared lengths are checked against the bytes that remain before anything is reserved); the
-/// limits below bound the rest. It recurses once per nesting level, so keep `max_depth` within what the
-/// calling thread's stack allows (the default 1024 levels need well under 1 MiB).
+/// limits below bound the rest. Decoding keeps its own stack of open containers, so depth costs heap,
+/// not call stack; [`encode`] (and `Drop`, `Clone`, `==` of a [`Value`]) do recurse once per level, which
+/// the default depth keeps to a few hundred KiB even in debug builds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Deepest nesting of containers (lists, maps, ext payloads): default 1024, msgpack-python's own
@@ -1164,16 +1173,34 @@ impl DecodeError {
     fn shifted(self, base: usize) -> Self {
         let sub = |o: usize| o.saturating_sub(base);
         match self {
-            DecodeError::Truncated { offset, needed } => DecodeError::Truncated { offset: sub(offset), needed },
-            DecodeError::TrailingBytes { offset, remaining } => {
-                DecodeError::TrailingBytes { offset: sub(offset), remaining }
-            }
+            DecodeError::Truncated { offset, needed } => DecodeError::Truncated {
+                offset: sub(offset),
+                needed,
+            },
+            DecodeError::TrailingBytes { offset, remaining } => DecodeError::TrailingBytes {
+                offset: sub(offset),
+                remaining,
+            },
             DecodeError::ReservedByte { offset } => DecodeError::ReservedByte { offset: sub(offset) },
             DecodeError::InvalidUtf8 { offset } => DecodeError::InvalidUtf8 { offset: sub(offset) },
-            DecodeError::InvalidMapKey { key_type, offset } => DecodeError::InvalidMapKey { key_type, offset: sub(offset) },
-            DecodeError::DepthExceeded { max, offset } => DecodeError::DepthExceeded { max, offset: sub(offset) },
-            DecodeError::ExtPayload { code, offset, source } => DecodeError::ExtPayload { code, offset: sub(offset), source },
-            DecodeError::ExtShape { code, offset, reason } => DecodeError::ExtShape { code, offset: sub(offset), reason },
+            DecodeError::InvalidMapKey { key_type, offset } => DecodeError::InvalidMapKey {
+                key_type,
+                offset: sub(offset),
+            },
+            DecodeError::DepthExceeded { max, offset } => DecodeError::DepthExceeded {
+                max,
+                offset: sub(offset),
+            },
+            DecodeError::ExtPayload { code, offset, source } => DecodeError::ExtPayload {
+                code,
+                offset: sub(offset),
+                source,
+            },
+            DecodeError::ExtShape { code, offset, reason } => DecodeError::ExtShape {
+                code,
+                offset: sub(offset),
+                reason,
+            },
             e @ (DecodeError::TooManyItems { .. } | DecodeError::TooLong { .. }) => e,
         }
     }
@@ -1194,9 +1221,21 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
 /// [`decode`] under the given limits.
 pub fn decode_with(bytes: &[u8], limits: &Limits) -> Result<Value, DecodeError> {
     if bytes.len() > limits.max_input_len {
-        return Err(DecodeError::TooLong { kind: LengthKind::Input, len: bytes.len(), max: limits.max_input_len });
+        return Err(DecodeError::TooLong {
+            kind: LengthKind::Input,
+            len: bytes.len(),
+            max: limits.max_input_len,
+        });
     }
-    Decoder { buf: bytes, limits, items: 0, pos: 0, end: bytes.len(), stack: Vec::new() }.run()
+    Decoder {
+        buf: bytes,
+        limits,
+        items: 0,
+        pos: 0,
+        end: bytes.len(),
+        stack: Vec::new(),
+    }
+    .run()
 }
 
 /// One open container while decoding (the decoder keeps its own stack, so nesting costs heap, not the
@@ -1248,7 +1287,10 @@ impl Decoder<'_, '_> {
     fn take(&mut self, n: usize, start: usize) -> Result<&[u8], DecodeError> {
         let rem = self.end - self.pos;
         if n > rem {
-            return Err(DecodeError::Truncated { offset: start, needed: n - rem });
+            return Err(DecodeError::Truncated {
+                offset: start,
+                needed: n - rem,
+            });
         }
         let out = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -1278,7 +1320,9 @@ impl Decoder<'_, '_> {
     fn count_items(&mut self, n: usize) -> Result<(), DecodeError> {
         self.items = self.items.saturating_add(n);
         if self.items > self.limits.max_items {
-            return Err(DecodeError::TooManyItems { max: self.limits.max_items });
+            return Err(DecodeError::TooManyItems {
+                max: self.limits.max_items,
+            });
         }
         Ok(())
     }
@@ -1297,7 +1341,12 @@ impl Decoder<'_, '_> {
             .stack
             .iter()
             .filter_map(|f| match *f {
-                Frame::Ext { code, start, payload_start, .. } => Some((code, start, payload_start)),
+                Frame::Ext {
+                    code,
+                    start,
+                    payload_start,
+                    ..
+                } => Some((code, start, payload_start)),
                 _ => None,
             })
             .collect();
@@ -1308,7 +1357,11 @@ impl Decoder<'_, '_> {
         }
         for (i, &(code, start, _)) in exts.iter().enumerate().rev() {
             let outer_base = if i == 0 { 0 } else { exts[i - 1].2 };
-            err = DecodeError::ExtPayload { code, offset: start - outer_base, source: Box::new(err) };
+            err = DecodeError::ExtPayload {
+                code,
+                offset: start - outer_base,
+                source: Box::new(err),
+            };
         }
         err
     }
@@ -1326,7 +1379,10 @@ impl Decoder<'_, '_> {
             loop {
                 let Some(frame) = self.stack.last_mut() else {
                     if self.pos != self.buf.len() {
-                        return Err(DecodeError::TrailingBytes { offset: self.pos, remaining: self.buf.len() - self.pos });
+                        return Err(DecodeError::TrailingBytes {
+                            offset: self.pos,
+                            remaining: self.buf.len() - self.pos,
+                        });
                     }
                     return Ok(v);
                 };
@@ -1337,10 +1393,18 @@ impl Decoder<'_, '_> {
                         if *left > 0 {
                             break;
                         }
-                        let Some(Frame::Seq { items, .. }) = self.stack.pop() else { unreachable!() };
+                        let Some(Frame::Seq { items, .. }) = self.stack.pop() else {
+                            unreachable!()
+                        };
                         v = Value::List(items);
                     }
-                    Frame::Map { entries, index, left, key, key_start } => match key.take() {
+                    Frame::Map {
+                        entries,
+                        index,
+                        left,
+                        key,
+                        key_start,
+                    } => match key.take() {
                         None => {
                             let identity = match &v {
                                 Value::Str(s) => (false, s.as_bytes().to_vec()),
@@ -1371,20 +1435,35 @@ impl Decoder<'_, '_> {
                                 *key_start = self.pos;
                                 break;
                             }
-                            let Some(Frame::Map { entries, .. }) = self.stack.pop() else { unreachable!() };
+                            let Some(Frame::Map { entries, .. }) = self.stack.pop() else {
+                                unreachable!()
+                            };
                             v = Value::Map(entries);
                         }
                     },
-                    Frame::Ext { code, start, end, outer_end, .. } => {
+                    Frame::Ext {
+                        code,
+                        start,
+                        end,
+                        outer_end,
+                        ..
+                    } => {
                         let (code, start, end, outer_end) = (*code, *start, *end, *outer_end);
                         if self.pos != end {
-                            return Err(DecodeError::TrailingBytes { offset: self.pos, remaining: end - self.pos });
+                            return Err(DecodeError::TrailingBytes {
+                                offset: self.pos,
+                                remaining: end - self.pos,
+                            });
                         }
                         let converted = self.convert_ext(code, v);
                         // the ext is complete: shape errors belong to the payload around it
                         self.stack.pop();
                         self.end = outer_end;
-                        v = converted.map_err(|reason| DecodeError::ExtShape { code, offset: start, reason })?;
+                        v = converted.map_err(|reason| DecodeError::ExtShape {
+                            code,
+                            offset: start,
+                            reason,
+                        })?;
                     }
                 }
             }
@@ -1396,7 +1475,10 @@ impl Decoder<'_, '_> {
     fn read_header(&mut self) -> Result<Step, DecodeError> {
         let start = self.pos;
         if self.stack.len() > self.limits.max_depth {
-            return Err(DecodeError::DepthExceeded { max: self.limits.max_depth, offset: start });
+            return Err(DecodeError::DepthExceeded {
+                max: self.limits.max_depth,
+                offset: start,
+            });
         }
         self.count_items(1)?;
         let b = self.u8(start)?;
@@ -1483,7 +1565,11 @@ impl Decoder<'_, '_> {
 
     fn read_str(&mut self, n: usize, start: usize) -> Result<Value, DecodeError> {
         if n > self.limits.max_str_len {
-            return Err(DecodeError::TooLong { kind: LengthKind::Str, len: n, max: self.limits.max_str_len });
+            return Err(DecodeError::TooLong {
+                kind: LengthKind::Str,
+                len: n,
+                max: self.limits.max_str_len,
+            });
         }
         let raw = self.take(n, start)?;
         let s = std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8 { offset: start })?;
@@ -1492,7 +1578,11 @@ impl Decoder<'_, '_> {
 
     fn read_bin(&mut self, n: usize, start: usize) -> Result<Value, DecodeError> {
         if n > self.limits.max_bin_len {
-            return Err(DecodeError::TooLong { kind: LengthKind::Bin, len: n, max: self.limits.max_bin_len });
+            return Err(DecodeError::TooLong {
+                kind: LengthKind::Bin,
+                len: n,
+                max: self.limits.max_bin_len,
+            });
         }
         Ok(Value::Bin(self.take(n, start)?.to_vec()))
     }
@@ -1504,9 +1594,15 @@ impl Decoder<'_, '_> {
         // every item takes at least one byte: never reserve more than what remains
         let rem = self.end - self.pos;
         if n > rem {
-            return Err(DecodeError::Truncated { offset: start, needed: n - rem });
+            return Err(DecodeError::Truncated {
+                offset: start,
+                needed: n - rem,
+            });
         }
-        Ok(Step::Open(Frame::Seq { items: Vec::with_capacity(n), left: n }))
+        Ok(Step::Open(Frame::Seq {
+            items: Vec::with_capacity(n),
+            left: n,
+        }))
     }
 
     fn open_map(&mut self, n: usize, start: usize) -> Result<Step, DecodeError> {
@@ -1516,7 +1612,10 @@ impl Decoder<'_, '_> {
         let rem = self.end - self.pos;
         let min_len = n.saturating_mul(2);
         if min_len > rem {
-            return Err(DecodeError::Truncated { offset: start, needed: min_len - rem });
+            return Err(DecodeError::Truncated {
+                offset: start,
+                needed: min_len - rem,
+            });
         }
         Ok(Step::Open(Frame::Map {
             entries: Vec::with_capacity(n),
@@ -1529,7 +1628,11 @@ impl Decoder<'_, '_> {
 
     fn open_ext(&mut self, n: usize, start: usize) -> Result<Step, DecodeError> {
         if n > self.limits.max_ext_len {
-            return Err(DecodeError::TooLong { kind: LengthKind::Ext, len: n, max: self.limits.max_ext_len });
+            return Err(DecodeError::TooLong {
+                kind: LengthKind::Ext,
+                len: n,
+                max: self.limits.max_ext_len,
+            });
         }
         let code = self.u8(start)? as i8;
         let payload_start = self.pos;
@@ -1540,13 +1643,29 @@ impl Decoder<'_, '_> {
                 let end = self.pos;
                 self.pos = payload_start;
                 let outer_end = std::mem::replace(&mut self.end, end);
-                Ok(Step::Open(Frame::Ext { code, start, payload_start, end, outer_end }))
+                Ok(Step::Open(Frame::Ext {
+                    code,
+                    start,
+                    payload_start,
+                    end,
+                    outer_end,
+                }))
             }
             TIMESTAMP_EXT_CODE => {
-                check_timestamp(data).map_err(|reason| DecodeError::ExtShape { code, offset: start, reason })?;
-                Ok(Step::Done(Value::Ext(Ext { code, data: data.to_vec() })))
+                check_timestamp(data).map_err(|reason| DecodeError::ExtShape {
+                    code,
+                    offset: start,
+                    reason,
+                })?;
+                Ok(Step::Done(Value::Ext(Ext {
+                    code,
+                    data: data.to_vec(),
+                })))
             }
-            _ => Ok(Step::Done(Value::Ext(Ext { code, data: data.to_vec() }))),
+            _ => Ok(Step::Done(Value::Ext(Ext {
+                code,
+                data: data.to_vec(),
+            }))),
         }
     }
 
@@ -1554,10 +1673,12 @@ impl Decoder<'_, '_> {
     fn convert_ext(&mut self, code: i8, inner: Value) -> Result<Value, &'static str> {
         match code {
             TUPLE_EXT_CODE => Ok(Value::Tuple(self.python_tuple(inner)?)),
-            DICTIONARY_DHT_VALUE_EXT_CODE => {
-                Ok(Value::DictionaryDhtValue(DictionaryDhtValue::from_value(inner).map_err(|e| e.0)?))
-            }
-            _ => Ok(Value::TensorDescriptor(BatchTensorDescriptor::from_value(&inner).map_err(|e| e.0)?)),
+            DICTIONARY_DHT_VALUE_EXT_CODE => Ok(Value::DictionaryDhtValue(
+                DictionaryDhtValue::from_value(inner).map_err(|e| e.0)?,
+            )),
+            _ => Ok(Value::TensorDescriptor(
+                BatchTensorDescriptor::from_value(&inner).map_err(|e| e.0)?,
+            )),
         }
     }
 
@@ -1570,7 +1691,12 @@ impl Decoder<'_, '_> {
                 self.count_items(s.chars().count()).map_err(|_| too_many)?;
                 Ok(s.chars().map(|c| Value::Str(c.to_string())).collect())
             }
-            Value::Bin(b) | Value::Ext(Ext { data: b, .. }) => {
+            // an unknown ext is `bytes` to hivemind; a timestamp is not iterable
+            Value::Bin(b)
+            | Value::Ext(Ext {
+                data: b,
+                code: 0..=127 | -128..=-2,
+            }) => {
                 self.count_items(b.len()).map_err(|_| too_many)?;
                 Ok(b.into_iter().map(|x| Value::Int(Int::from(x))).collect())
             }
@@ -1668,7 +1794,10 @@ mod tests {
     #[test]
     fn strict_map_keys_and_duplicates() {
         // {1: 2}
-        assert!(matches!(decode(&[0x81, 0x01, 0x02]), Err(DecodeError::InvalidMapKey { key_type: "int", .. })));
+        assert!(matches!(
+            decode(&[0x81, 0x01, 0x02]),
+            Err(DecodeError::InvalidMapKey { key_type: "int", .. })
+        ));
         // {"a": 1, "a": 2} -> {"a": 2}
         let v = decode(&[0x82, 0xa1, b'a', 0x01, 0xa1, b'a', 0x02]).unwrap();
         assert_eq!(v, Value::map([("a", 2)]));
@@ -1677,39 +1806,115 @@ mod tests {
     #[test]
     fn errors() {
         assert!(matches!(decode(&[]), Err(DecodeError::Truncated { .. })));
-        assert!(matches!(decode(&[0x01, 0x01]), Err(DecodeError::TrailingBytes { offset: 1, remaining: 1 })));
-        assert!(matches!(decode(&[0xc1]), Err(DecodeError::ReservedByte { offset: 0 })));
-        assert!(matches!(decode(&[0xa1, 0xff]), Err(DecodeError::InvalidUtf8 { offset: 0 })));
-        assert!(matches!(decode(&[0xdd, 0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated { .. })));
-        assert!(matches!(decode(&[0xd4, 0x40, 0x01]), Err(DecodeError::ExtShape { code: 0x40, .. })));
-        assert!(matches!(decode(&[0xd5, 0x40, 0x90, 0x01]), Err(DecodeError::ExtPayload { code: 0x40, .. })));
+        assert!(matches!(
+            decode(&[0x01, 0x01]),
+            Err(DecodeError::TrailingBytes {
+                offset: 1,
+                remaining: 1
+            })
+        ));
+        assert!(matches!(
+            decode(&[0xc1]),
+            Err(DecodeError::ReservedByte { offset: 0 })
+        ));
+        assert!(matches!(
+            decode(&[0xa1, 0xff]),
+            Err(DecodeError::InvalidUtf8 { offset: 0 })
+        ));
+        assert!(matches!(
+            decode(&[0xdd, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&[0xd4, 0x40, 0x01]),
+            Err(DecodeError::ExtShape { code: 0x40, .. })
+        ));
+        assert!(matches!(
+            decode(&[0xd5, 0x40, 0x90, 0x01]),
+            Err(DecodeError::ExtPayload { code: 0x40, .. })
+        ));
         let deep = [vec![0x91; 1025], vec![0x00]].concat();
-        assert!(matches!(decode(&deep), Err(DecodeError::DepthExceeded { max: 1024, .. })));
+        assert!(matches!(
+            decode(&deep),
+            Err(DecodeError::DepthExceeded { max: 1024, .. })
+        ));
         let ok = [vec![0x91; 1024], vec![0x00]].concat();
         assert!(decode(&ok).is_ok());
         let limits = Limits::DEFAULT.with_max_items(3);
-        assert!(matches!(decode_with(&[0x93, 1, 2, 3], &limits), Err(DecodeError::TooManyItems { max: 3 })));
+        assert!(matches!(
+            decode_with(&[0x93, 1, 2, 3], &limits),
+            Err(DecodeError::TooManyItems { max: 3 })
+        ));
         let limits = Limits::DEFAULT.with_max_str_len(2);
-        assert!(matches!(decode_with(b"\xa3abc", &limits), Err(DecodeError::TooLong { kind: LengthKind::Str, .. })));
+        assert!(matches!(
+            decode_with(b"\xa3abc", &limits),
+            Err(DecodeError::TooLong {
+                kind: LengthKind::Str,
+                ..
+            })
+        ));
         let limits = Limits::DEFAULT.with_max_input_len(1);
-        assert!(matches!(decode_with(&[0x90, 0x90], &limits), Err(DecodeError::TooLong { kind: LengthKind::Input, .. })));
+        assert!(matches!(
+            decode_with(&[0x90, 0x90], &limits),
+            Err(DecodeError::TooLong {
+                kind: LengthKind::Input,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn errors_inside_ext_payloads_are_wrapped_with_relative_offsets() {
         // [0, (1, (0xc1,))]: the reserved byte sits in the inner tuple's payload
-        let bytes = [0x92, 0x00, 0xc7, 0x07, 0x40, 0x92, 0x01, 0xc7, 0x02, 0x40, 0x91, 0xc1];
+        let bytes = [
+            0x92, 0x00, 0xc7, 0x07, 0x40, 0x92, 0x01, 0xc7, 0x02, 0x40, 0x91, 0xc1,
+        ];
         let err = decode(&bytes).unwrap_err();
-        let DecodeError::ExtPayload { code: 0x40, offset: 2, source } = err else { panic!("{err:?}") };
-        let DecodeError::ExtPayload { code: 0x40, offset: 2, source } = *source else { panic!("{source:?}") };
+        let DecodeError::ExtPayload {
+            code: 0x40,
+            offset: 2,
+            source,
+        } = err
+        else {
+            panic!("{err:?}")
+        };
+        let DecodeError::ExtPayload {
+            code: 0x40,
+            offset: 2,
+            source,
+        } = *source
+        else {
+            panic!("{source:?}")
+        };
         assert_eq!(*source, DecodeError::ReservedByte { offset: 1 });
         // a shape error is reported at the ext, relative to the payload around it
         let err = decode(&[0x91, 0xd4, 0x40, 0x01]).unwrap_err();
-        assert!(matches!(err, DecodeError::ExtShape { code: 0x40, offset: 1, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                DecodeError::ExtShape {
+                    code: 0x40,
+                    offset: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         // trailing bytes inside a payload
         let err = decode(&[0xd5, 0x40, 0x90, 0x01]).unwrap_err();
-        let DecodeError::ExtPayload { offset: 0, source, .. } = err else { panic!("{err:?}") };
-        assert_eq!(*source, DecodeError::TrailingBytes { offset: 1, remaining: 1 });
+        let DecodeError::ExtPayload {
+            offset: 0, source, ..
+        } = err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            *source,
+            DecodeError::TrailingBytes {
+                offset: 1,
+                remaining: 1
+            }
+        );
     }
 
     #[test]
@@ -1730,9 +1935,18 @@ mod tests {
     #[test]
     fn python_tuple_of_iterables() {
         // tuple("ab"), tuple(b"\x01\x02"), tuple({"a": 1})
-        assert_eq!(decode(&[0xc7, 0x03, 0x40, 0xa2, b'a', b'b']).unwrap(), Value::tuple(["a", "b"]));
-        assert_eq!(decode(&[0xc7, 0x04, 0x40, 0xc4, 0x02, 0x01, 0x02]).unwrap(), Value::tuple([1, 2]));
-        assert_eq!(decode(&[0xc7, 0x04, 0x40, 0x81, 0xa1, b'a', 0x01]).unwrap(), Value::tuple(["a"]));
+        assert_eq!(
+            decode(&[0xc7, 0x03, 0x40, 0xa2, b'a', b'b']).unwrap(),
+            Value::tuple(["a", "b"])
+        );
+        assert_eq!(
+            decode(&[0xc7, 0x04, 0x40, 0xc4, 0x02, 0x01, 0x02]).unwrap(),
+            Value::tuple([1, 2])
+        );
+        assert_eq!(
+            decode(&[0xc7, 0x04, 0x40, 0x81, 0xa1, b'a', 0x01]).unwrap(),
+            Value::tuple(["a"])
+        );
     }
 
     #[test]
@@ -1752,7 +1966,7 @@ mod tests {
         assert_eq!(cmp(2, 1.5), Some(Ordering::Greater));
         assert_eq!(cmp(-2, -1.5), Some(Ordering::Less));
         assert_eq!(cmp(-1, -1.5), Some(Ordering::Greater));
-        assert_eq!(cmp(i64::MAX, 9.223372036854775807e18), Some(Ordering::Less));
+        assert_eq!(cmp(i64::MAX, 9.223_372_036_854_776e18), Some(Ordering::Less));
         assert_eq!(cmp(0, f64::INFINITY), Some(Ordering::Less));
         assert_eq!(cmp(0, f64::NEG_INFINITY), Some(Ordering::Greater));
         assert_eq!(cmp(0, f64::NAN), None);
@@ -1780,7 +1994,9 @@ mod tests {
                 .map(|_| {
                     let r = rng.next();
                     match r % 4 {
-                        0 => [0x90, 0x91, 0x92, 0x81, 0xd4, 0xd5, 0xc7, 0xd8, 0x40, 0x50, 0x51, 0xa1][(r >> 8) as usize % 12],
+                        0 => [
+                            0x90, 0x91, 0x92, 0x81, 0xd4, 0xd5, 0xc7, 0xd8, 0x40, 0x50, 0x51, 0xa1,
+                        ][(r >> 8) as usize % 12],
                         _ => (r >> 16) as u8,
                     }
                 })
@@ -1799,7 +2015,14 @@ mod tests {
     fn truncations_of_valid_values_are_errors() {
         let v = Value::map([
             ("a", Value::from(("ffn.0.5", "QmPeer"))),
-            ("b", Value::list([Value::Float(1.5), Value::Int(Int::MIN), Value::bin(vec![1u8; 300])])),
+            (
+                "b",
+                Value::list([
+                    Value::Float(1.5),
+                    Value::Int(Int::MIN),
+                    Value::bin(vec![1u8; 300]),
+                ]),
+            ),
             ("c", Value::from(BatchTensorDescriptor::new([4]))),
         ]);
         let mut dict = DictionaryDhtValue::new();

@@ -24,7 +24,9 @@ pub mod dht {
 
 /// `runtime.proto`: expert RPCs and tensors.
 pub mod runtime {
-    pub use super::hivemind::{CompressionType, ExpertInfo, ExpertRequest, ExpertResponse, ExpertUid, Tensor};
+    pub use super::hivemind::{
+        CompressionType, ExpertInfo, ExpertRequest, ExpertResponse, ExpertUid, Tensor,
+    };
 }
 
 /// `averaging.proto`: decentralized averaging (matchmaking, all-reduce parts, state download).

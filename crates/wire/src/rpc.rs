@@ -43,6 +43,9 @@ pub enum RpcError {
     UnexpectedEnvelope(&'static str),
 }
 
+/// Checks the required fields of one embedded message's bytes.
+pub type RequiredCheck = fn(&[u8]) -> Result<(), RpcError>;
+
 /// A proto2 message with `required` fields: [`Proto2::decode_strict`] rejects bytes that lack one,
 /// at any depth, as gogo-protobuf does.
 pub trait Proto2: Message + Default + Sized {
@@ -51,7 +54,7 @@ pub trait Proto2: Message + Default + Sized {
     /// Field numbers marked `required`.
     const REQUIRED: &'static [u32];
     /// Embedded message fields whose own required fields must be present: (field number, check).
-    const NESTED: &'static [(u32, fn(&[u8]) -> Result<(), RpcError>)] = &[];
+    const NESTED: &'static [(u32, RequiredCheck)] = &[];
 
     /// Checks the required fields of `buf`, then decodes it.
     fn decode_strict(buf: &[u8]) -> Result<Self, RpcError> {
@@ -88,7 +91,10 @@ pub fn check_required<M: Proto2>(mut buf: &[u8]) -> Result<(), RpcError> {
         }
     }
     match M::REQUIRED.iter().find(|f| seen & (1 << **f) == 0) {
-        Some(&field) => Err(RpcError::MissingRequired { message: M::NAME, field }),
+        Some(&field) => Err(RpcError::MissingRequired {
+            message: M::NAME,
+            field,
+        }),
         None => Ok(()),
     }
 }
@@ -111,7 +117,7 @@ macro_rules! proto2 {
         impl Proto2 for $ty {
             const NAME: &'static str = $name;
             const REQUIRED: &'static [u32] = &[$($req),*];
-            $(const NESTED: &'static [(u32, fn(&[u8]) -> Result<(), RpcError>)] =
+            $(const NESTED: &'static [(u32, RequiredCheck)] =
                 &[$(($f, check_required::<$n>)),*];)?
         }
     };
@@ -134,13 +140,18 @@ proto2!(
     p2pd::PersistentConnectionResponse,
     "PersistentConnectionResponse",
     [1],
-    nested [(3, p2pd::CallUnaryRequest)]
+    nested[(3, p2pd::CallUnaryRequest)]
 );
 proto2!(p2pd::StreamInfo, "StreamInfo", [1, 2, 3]);
 proto2!(p2pd::StreamOpenRequest, "StreamOpenRequest", [1]);
 proto2!(p2pd::IdentifyResponse, "IdentifyResponse", [1]);
 proto2!(p2pd::ErrorResponse, "ErrorResponse", [1]);
-proto2!(p2pd::Request, "Request", [1], nested [(3, p2pd::StreamOpenRequest)]);
+proto2!(
+    p2pd::Request,
+    "Request",
+    [1],
+    nested[(3, p2pd::StreamOpenRequest)]
+);
 proto2!(
     p2pd::Response,
     "Response",
@@ -157,8 +168,15 @@ proto2!(crypto::PrivateKey, "PrivateKey", [1, 2]);
 /// would silently stop reading.
 pub fn encode_unary_call(call_id: Bytes, peer: Bytes, proto: &str, data: Bytes) -> Result<Vec<u8>, RpcError> {
     use p2pd::persistent_connection_request::Message as M;
-    let request = p2pd::CallUnaryRequest { peer, proto: proto.to_owned(), data };
-    encode_envelope(&p2pd::PersistentConnectionRequest { call_id, message: Some(M::CallUnary(request)) })
+    let request = p2pd::CallUnaryRequest {
+        peer,
+        proto: proto.to_owned(),
+        data,
+    };
+    encode_envelope(&p2pd::PersistentConnectionRequest {
+        call_id,
+        message: Some(M::CallUnary(request)),
+    })
 }
 
 /// A unary reply: `uvarint(len) ‖ PersistentConnectionRequest{callId, unaryResponse{response | error}}`.
@@ -170,13 +188,20 @@ pub fn encode_unary_response(call_id: Bytes, result: Result<Bytes, String>) -> R
         Err(error) => R::Error(Bytes::from(error.into_bytes())),
     };
     let response = p2pd::CallUnaryResponse { result: Some(result) };
-    encode_envelope(&p2pd::PersistentConnectionRequest { call_id, message: Some(M::UnaryResponse(response)) })
+    encode_envelope(&p2pd::PersistentConnectionRequest {
+        call_id,
+        message: Some(M::UnaryResponse(response)),
+    })
 }
 
 fn encode_envelope(envelope: &p2pd::PersistentConnectionRequest) -> Result<Vec<u8>, RpcError> {
     let len = envelope.encoded_len();
     if len > MAX_UNARY_ENVELOPE {
-        return Err(RpcError::TooLarge { what: "unary envelope", len: len as u64, max: MAX_UNARY_ENVELOPE as u64 });
+        return Err(RpcError::TooLarge {
+            what: "unary envelope",
+            len: len as u64,
+            max: MAX_UNARY_ENVELOPE as u64,
+        });
     }
     Ok(envelope.encode_length_delimited_to_vec())
 }
@@ -190,7 +215,11 @@ pub fn split_delimited(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>,
         len |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
             if len > max as u64 {
-                return Err(RpcError::TooLarge { what: "unary envelope", len, max: max as u64 });
+                return Err(RpcError::TooLarge {
+                    what: "unary envelope",
+                    len,
+                    max: max as u64,
+                });
             }
             let start = i + 1;
             let end = start + len as usize;
@@ -216,7 +245,11 @@ pub fn decode_unary_call(envelope: &[u8]) -> Result<UnaryCall, RpcError> {
     use p2pd::persistent_connection_request::Message as M;
     let request = p2pd::PersistentConnectionRequest::decode_strict(envelope)?;
     match request.message {
-        Some(M::CallUnary(call)) => Ok(UnaryCall { call_id: request.call_id, proto: call.proto, data: call.data }),
+        Some(M::CallUnary(call)) => Ok(UnaryCall {
+            call_id: request.call_id,
+            proto: call.proto,
+            data: call.data,
+        }),
         _ => Err(RpcError::UnexpectedEnvelope("callUnary")),
     }
 }
@@ -227,10 +260,12 @@ pub fn decode_unary_response(envelope: &[u8]) -> Result<(Bytes, Result<Bytes, St
     use p2pd::persistent_connection_request::Message as M;
     let reply = p2pd::PersistentConnectionRequest::decode_strict(envelope)?;
     match reply.message {
-        Some(M::UnaryResponse(p2pd::CallUnaryResponse { result: Some(R::Response(r)) })) => Ok((reply.call_id, Ok(r))),
-        Some(M::UnaryResponse(p2pd::CallUnaryResponse { result: Some(R::Error(e)) })) => {
-            Ok((reply.call_id, Err(String::from_utf8_lossy(&e).into_owned())))
-        }
+        Some(M::UnaryResponse(p2pd::CallUnaryResponse {
+            result: Some(R::Response(r)),
+        })) => Ok((reply.call_id, Ok(r))),
+        Some(M::UnaryResponse(p2pd::CallUnaryResponse {
+            result: Some(R::Error(e)),
+        })) => Ok((reply.call_id, Err(String::from_utf8_lossy(&e).into_owned()))),
         _ => Err(RpcError::UnexpectedEnvelope("unaryResponse")),
     }
 }
@@ -259,7 +294,11 @@ impl FrameHeader {
         };
         let len = (&header[1..]).get_u64();
         if len > max {
-            return Err(RpcError::TooLarge { what: "stream frame", len, max });
+            return Err(RpcError::TooLarge {
+                what: "stream frame",
+                len,
+                max,
+            });
         }
         Ok(Self { kind, len })
     }
@@ -272,7 +311,12 @@ pub fn encode_message_frame(message: &impl Message) -> Vec<u8> {
 
 /// An error frame carrying `RPCError{message}`; hivemind raises it as `P2PHandlerError` on the caller.
 pub fn encode_error_frame(message: &str) -> Vec<u8> {
-    frame(ERROR_MARKER, &p2pd::RpcError { message: Some(message.to_owned()) })
+    frame(
+        ERROR_MARKER,
+        &p2pd::RpcError {
+            message: Some(message.to_owned()),
+        },
+    )
 }
 
 fn frame(marker: u8, message: &impl Message) -> Vec<u8> {
@@ -330,7 +374,10 @@ mod tests {
         outer.extend_from_slice(&inner);
         assert!(p2pd::PersistentConnectionRequest::decode(outer.as_slice()).is_ok());
         match decode_unary_call(&outer) {
-            Err(RpcError::MissingRequired { message: "CallUnaryRequest", field: 3 }) => {}
+            Err(RpcError::MissingRequired {
+                message: "CallUnaryRequest",
+                field: 3,
+            }) => {}
             other => panic!("expected a missing `data` error, got {other:?}"),
         }
         // No callId at all.
@@ -340,7 +387,10 @@ mod tests {
         ));
         assert!(matches!(
             crypto::PublicKey::decode_strict(&[0x08, 0x01]),
-            Err(RpcError::MissingRequired { message: "PublicKey", field: 2 })
+            Err(RpcError::MissingRequired {
+                message: "PublicKey",
+                field: 2
+            })
         ));
     }
 
@@ -353,23 +403,40 @@ mod tests {
         ));
         let mut prefix = Vec::new();
         prost::encoding::encode_varint(MAX_UNARY_ENVELOPE as u64 + 1, &mut prefix);
-        assert!(matches!(split_delimited(&prefix, MAX_UNARY_ENVELOPE), Err(RpcError::TooLarge { .. })));
-        assert!(split_delimited(&[0x80, 0x80], MAX_UNARY_ENVELOPE).unwrap().is_none());
+        assert!(matches!(
+            split_delimited(&prefix, MAX_UNARY_ENVELOPE),
+            Err(RpcError::TooLarge { .. })
+        ));
+        assert!(
+            split_delimited(&[0x80, 0x80], MAX_UNARY_ENVELOPE)
+                .unwrap()
+                .is_none()
+        );
         assert!(split_delimited(&[0xff; 11], MAX_UNARY_ENVELOPE).is_err());
     }
 
     #[test]
     fn reply_carries_response_or_error_text() {
-        let ok = encode_unary_response(Bytes::from_static(b"id"), Ok(Bytes::from_static(b"\x08\x31"))).unwrap();
+        let ok =
+            encode_unary_response(Bytes::from_static(b"id"), Ok(Bytes::from_static(b"\x08\x31"))).unwrap();
         let (env, _) = split_delimited(&ok, MAX_UNARY_ENVELOPE).unwrap().unwrap();
-        assert_eq!(decode_unary_response(env).unwrap(), (Bytes::from_static(b"id"), Ok(Bytes::from_static(b"\x08\x31"))));
+        assert_eq!(
+            decode_unary_response(env).unwrap(),
+            (Bytes::from_static(b"id"), Ok(Bytes::from_static(b"\x08\x31")))
+        );
         let err = encode_unary_response(Bytes::from_static(b"id"), Err("ValueError('x')".into())).unwrap();
         let (env, _) = split_delimited(&err, MAX_UNARY_ENVELOPE).unwrap().unwrap();
-        assert_eq!(decode_unary_response(env).unwrap().1, Err("ValueError('x')".to_owned()));
+        assert_eq!(
+            decode_unary_response(env).unwrap().1,
+            Err("ValueError('x')".to_owned())
+        );
         // A call where a reply is expected.
         let call = encode_unary_call(Bytes::new(), Bytes::new(), "A.rpc_b", Bytes::new()).unwrap();
         let (env, _) = split_delimited(&call, MAX_UNARY_ENVELOPE).unwrap().unwrap();
-        assert!(matches!(decode_unary_response(env), Err(RpcError::UnexpectedEnvelope(_))));
+        assert!(matches!(
+            decode_unary_response(env),
+            Err(RpcError::UnexpectedEnvelope(_))
+        ));
     }
 
     #[test]
@@ -377,13 +444,28 @@ mod tests {
         let frame = encode_message_frame(&TestRequest { number: 9 });
         assert_eq!(frame, [0, 0, 0, 0, 0, 0, 0, 0, 2, 0x08, 0x09]);
         let header = FrameHeader::parse(frame[..9].try_into().unwrap(), 100).unwrap();
-        assert_eq!(header, FrameHeader { kind: FrameKind::Message, len: 2 });
+        assert_eq!(
+            header,
+            FrameHeader {
+                kind: FrameKind::Message,
+                len: 2
+            }
+        );
         let error = encode_error_frame("boom");
         assert_eq!(error[0], ERROR_MARKER);
         let parsed = p2pd::RpcError::decode(&error[9..]).unwrap();
         assert_eq!(parsed.message.as_deref(), Some("boom"));
-        assert_eq!(FrameHeader::parse(END_OF_STREAM, 0).unwrap(), FrameHeader { kind: FrameKind::Error, len: 0 });
-        assert!(matches!(FrameHeader::parse([2, 0, 0, 0, 0, 0, 0, 0, 0], 10), Err(RpcError::UnknownMarker(2))));
+        assert_eq!(
+            FrameHeader::parse(END_OF_STREAM, 0).unwrap(),
+            FrameHeader {
+                kind: FrameKind::Error,
+                len: 0
+            }
+        );
+        assert!(matches!(
+            FrameHeader::parse([2, 0, 0, 0, 0, 0, 0, 0, 0], 10),
+            Err(RpcError::UnknownMarker(2))
+        ));
         assert!(matches!(
             FrameHeader::parse([0, 0xff, 0, 0, 0, 0, 0, 0, 0], 4 << 20),
             Err(RpcError::TooLarge { .. })

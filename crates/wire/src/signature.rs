@@ -131,7 +131,9 @@ impl fmt::Debug for RsaPrivateKey {
 impl RsaPrivateKey {
     /// A fresh 2048-bit key with public exponent 65537, as `RSAPrivateKey()` makes.
     pub fn generate() -> Result<Self, KeyError> {
-        Ok(RsaPrivateKey { key: PrivateKey::new(&mut getrandom::SysRng, RSA_KEY_BITS)? })
+        Ok(RsaPrivateKey {
+            key: PrivateKey::new(&mut getrandom::SysRng, RSA_KEY_BITS)?,
+        })
     }
 
     /// Reads a DER private key, PKCS#1 (`RSAPrivateKey.to_bytes()`, `TraditionalOpenSSL`) or PKCS#8, as
@@ -146,7 +148,12 @@ impl RsaPrivateKey {
     /// The PKCS#1 DER bytes, exactly what `RSAPrivateKey.to_bytes()` writes (and what a pickled
     /// `RSAPrivateKey` carries).
     pub fn to_der(&self) -> Result<Vec<u8>, KeyError> {
-        Ok(self.key.to_pkcs1_der().map_err(|e| KeyError::Rsa(e.into()))?.as_bytes().to_vec())
+        Ok(self
+            .key
+            .to_pkcs1_der()
+            .map_err(|e| KeyError::Rsa(e.into()))?
+            .as_bytes()
+            .to_vec())
     }
 
     /// Reads a libp2p `PrivateKey` protobuf with an RSA key (`key_type = RSA`, `data` = DER): the
@@ -154,7 +161,9 @@ impl RsaPrivateKey {
     pub fn from_libp2p_protobuf(bytes: &[u8]) -> Result<Self, KeyError> {
         let pb = libp2p_crypto::PrivateKey::decode(bytes)?;
         if pb.key_type != libp2p_crypto::KeyType::Rsa as i32 {
-            return Err(KeyError::NotRsa { key_type: pb.key_type });
+            return Err(KeyError::NotRsa {
+                key_type: pb.key_type,
+            });
         }
         Self::from_der(&pb.data)
     }
@@ -170,7 +179,9 @@ impl RsaPrivateKey {
 
     /// The public half.
     pub fn public_key(&self) -> RsaPublicKey {
-        RsaPublicKey { key: self.key.to_public_key() }
+        RsaPublicKey {
+            key: self.key.to_public_key(),
+        }
     }
 
     /// `RSAPrivateKey.sign(data)`: base64 (standard alphabet, padded) of the RSA-PSS signature (MGF1-SHA256,
@@ -271,14 +282,23 @@ impl RsaPublicKey {
     /// type must match, no trailing data. Certificates (`…-cert-v01@openssh.com`) are not accepted.
     pub fn from_openssh(line: &[u8]) -> Result<Self, KeyError> {
         // \A(\S+)[ \t]+(\S+)
-        let type_end = line.iter().position(|&b| is_ascii_whitespace_re(b)).unwrap_or(line.len());
+        let type_end = line
+            .iter()
+            .position(|&b| is_ascii_whitespace_re(b))
+            .unwrap_or(line.len());
         let (key_type, rest) = line.split_at(type_end);
-        let body_start = rest.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(rest.len());
+        let body_start = rest
+            .iter()
+            .position(|&b| b != b' ' && b != b'\t')
+            .unwrap_or(rest.len());
         if key_type.is_empty() || body_start == 0 {
             return Err(KeyError::OpenSsh("invalid line format"));
         }
         let rest = &rest[body_start..];
-        let body = &rest[..rest.iter().position(|&b| is_ascii_whitespace_re(b)).unwrap_or(rest.len())];
+        let body = &rest[..rest
+            .iter()
+            .position(|&b| is_ascii_whitespace_re(b))
+            .unwrap_or(rest.len())];
         if body.is_empty() {
             return Err(KeyError::OpenSsh("invalid line format"));
         }
@@ -313,7 +333,8 @@ impl RsaPublicKey {
         if n_big < three {
             return Err(KeyError::InvalidPublicKey("n must be >= 3"));
         }
-        if e_big < three || e_trim.len() > n_trim.len() || (e_trim.len() == n_trim.len() && e_trim >= n_trim) {
+        if e_big < three || e_trim.len() > n_trim.len() || (e_trim.len() == n_trim.len() && e_trim >= n_trim)
+        {
             return Err(KeyError::InvalidPublicKey("e must be >= 3 and < n"));
         }
         if e_trim.last().is_some_and(|b| b & 1 == 0) {
@@ -449,14 +470,19 @@ fn find_markers(hay: &[u8], prefix: &[u8]) -> Vec<Marker> {
         match *cache {
             Some((searched_from, found)) if searched_from <= from && found.is_none_or(|f| f >= from) => found,
             _ => {
-                let found = hay.get(from..).and_then(|s| s.iter().position(|&b| b == byte)).map(|i| i + from);
+                let found = hay
+                    .get(from..)
+                    .and_then(|s| s.iter().position(|&b| b == byte))
+                    .map(|i| i + from);
                 *cache = Some((from, found));
                 found
             }
         }
     };
     while pos + prefix.len() <= hay.len() {
-        let Some(off) = hay[pos..].windows(prefix.len()).position(|w| w == prefix) else { break };
+        let Some(off) = hay[pos..].windows(prefix.len()).position(|w| w == prefix) else {
+            break;
+        };
         let start = pos + off;
         let g = start + prefix.len();
         // `.+?`: at least one byte (not '\n'), then the first ']' with no '\n' before it
@@ -472,7 +498,11 @@ fn find_markers(hay: &[u8], prefix: &[u8]) -> Vec<Marker> {
         };
         match matched {
             Some(c) => {
-                out.push(Marker { start, end: c + 1, group: (g, c) });
+                out.push(Marker {
+                    start,
+                    end: c + 1,
+                    group: (g, c),
+                });
                 pos = c + 1;
             }
             None => pos = start + 1,
@@ -483,12 +513,18 @@ fn find_markers(hay: &[u8], prefix: &[u8]) -> Vec<Marker> {
 
 /// The public keys in `[owner:…]` markers, in order (`_PUBLIC_KEY_RE.findall`).
 pub fn find_owner_keys(bytes: &[u8]) -> Vec<&[u8]> {
-    find_markers(bytes, OWNER_PREFIX).into_iter().map(|m| &bytes[m.group.0..m.group.1]).collect()
+    find_markers(bytes, OWNER_PREFIX)
+        .into_iter()
+        .map(|m| &bytes[m.group.0..m.group.1])
+        .collect()
 }
 
 /// The signatures in `[signature:…]` markers, in order (`_SIGNATURE_RE.findall`).
 pub fn find_signatures(bytes: &[u8]) -> Vec<&[u8]> {
-    find_markers(bytes, SIGNATURE_PREFIX).into_iter().map(|m| &bytes[m.group.0..m.group.1]).collect()
+    find_markers(bytes, SIGNATURE_PREFIX)
+        .into_iter()
+        .map(|m| &bytes[m.group.0..m.group.1])
+        .collect()
 }
 
 /// `value` with every `[signature:…]` marker removed (`RSASignatureValidator.strip_value`).
@@ -521,8 +557,18 @@ pub struct DhtRecord {
 
 impl DhtRecord {
     /// A record of `key`'s sub-key `subkey` (msgpack bytes).
-    pub fn new(key: DhtId, subkey: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, expiration_time: f64) -> Self {
-        DhtRecord { key: key.to_bytes().to_vec(), subkey: subkey.into(), value: value.into(), expiration_time }
+    pub fn new(
+        key: DhtId,
+        subkey: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        expiration_time: f64,
+    ) -> Self {
+        DhtRecord {
+            key: key.to_bytes().to_vec(),
+            subkey: subkey.into(),
+            value: value.into(),
+            expiration_time,
+        }
     }
 
     /// A record of a regular value (no sub-key).
@@ -543,7 +589,10 @@ impl DhtRecord {
 
     /// This record with its value replaced.
     pub fn with_value(&self, value: impl Into<Vec<u8>>) -> Self {
-        DhtRecord { value: value.into(), ..self.clone() }
+        DhtRecord {
+            value: value.into(),
+            ..self.clone()
+        }
     }
 }
 
@@ -565,7 +614,9 @@ pub fn validate_record(record: &DhtRecord) -> Result<(), ValidationError> {
     let public_key = RsaPublicKey::from_openssh(owner).map_err(ValidationError::MalformedOwnerKey)?;
     let signatures = find_signatures(&record.value);
     let [signature] = signatures.as_slice() else {
-        return Err(ValidationError::SignatureCount { found: signatures.len() });
+        return Err(ValidationError::SignatureCount {
+            found: signatures.len(),
+        });
     };
     let stripped = record.with_value(strip_signatures(&record.value));
     if public_key.verify(&stripped.signed_message(), signature) {
@@ -590,7 +641,10 @@ impl RsaSignatureValidator {
     /// A validator signing with `private_key`.
     pub fn new(private_key: RsaPrivateKey) -> Self {
         let local_public_key = private_key.public_key().owner_marker();
-        RsaSignatureValidator { private_key, local_public_key }
+        RsaSignatureValidator {
+            private_key,
+            local_public_key,
+        }
     }
 
     /// The key this validator signs with.
@@ -639,7 +693,10 @@ mod tests {
     use super::*;
 
     fn spans<'a>(hay: &'a [u8], prefix: &[u8]) -> Vec<&'a [u8]> {
-        find_markers(hay, prefix).into_iter().map(|m| &hay[m.group.0..m.group.1]).collect()
+        find_markers(hay, prefix)
+            .into_iter()
+            .map(|m| &hay[m.group.0..m.group.1])
+            .collect()
     }
 
     #[test]
@@ -650,13 +707,85 @@ mod tests {
         assert!(spans(b"[owner:]", p).is_empty());
         assert!(spans(b"[owner:a\nb]", p).is_empty());
         assert_eq!(spans(b"[owner:\n[owner:x]", p), vec![b"x".as_slice()]);
-        assert_eq!(spans(b"x[owner:a][owner:b]y[owner:c", p), vec![b"a".as_slice(), b"b"]);
+        assert_eq!(
+            spans(b"x[owner:a][owner:b]y[owner:c", p),
+            vec![b"a".as_slice(), b"b"]
+        );
         assert_eq!(spans(b"[owner:[owner:a]", p), vec![b"[owner:a".as_slice()]);
         assert_eq!(strip_signatures(b"a[signature:x]b[signature:y]c"), b"abc");
         assert_eq!(strip_signatures(b"[signature:]"), b"[signature:]");
         // pathological input stays fast
         let big = b"[owner:".repeat(100_000);
         assert!(spans(&big, p).is_empty());
+    }
+
+    /// xorshift64*: a tiny deterministic generator for the garbage loops.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn bytes(&mut self, n: usize, alphabet: &[u8]) -> Vec<u8> {
+            (0..n)
+                .map(|_| alphabet[(self.next() % alphabet.len() as u64) as usize])
+                .collect()
+        }
+    }
+
+    #[test]
+    fn garbage_keys_and_records_never_panic() {
+        let mut rng = Rng(0x0dd_ba11_5eed);
+        let b64: Vec<u8> = (b'A'..=b'Z')
+            .chain(b'a'..=b'z')
+            .chain(b'0'..=b'9')
+            .chain(*b"+/= \t\n]")
+            .collect();
+        let all: Vec<u8> = (0..=255).collect();
+        for i in 0..20_000 {
+            let n = (rng.next() % 64) as usize;
+            let body = rng.bytes(n, if i % 2 == 0 { &b64 } else { &all });
+            let line = [b"ssh-rsa ".as_slice(), &body].concat();
+            assert!(RsaPublicKey::from_openssh(&line).is_err());
+            // well-formed SSH framing around random numbers
+            let mut blob = Vec::new();
+            put_ssh_string(&mut blob, b"ssh-rsa");
+            let (e_len, n_len) = ((rng.next() % 5) as usize, (rng.next() % 40) as usize);
+            put_ssh_string(&mut blob, &rng.bytes(e_len, &all));
+            put_ssh_string(&mut blob, &rng.bytes(n_len, &all));
+            let line = format!("ssh-rsa {}", BASE64.encode(&blob));
+            if let Ok(key) = RsaPublicKey::from_openssh(line.as_bytes()) {
+                assert!(!key.verify(b"x", &body));
+            }
+            assert!(RsaPrivateKey::from_der(&body).is_err());
+            let record = DhtRecord {
+                key: [b"[owner:".as_slice(), &body].concat(),
+                subkey: [b"[owner:ssh-rsa ".as_slice(), &body, b"]"].concat(),
+                value: [body.as_slice(), b"[signature:", &body, b"]"].concat(),
+                expiration_time: 1.0,
+            };
+            let _ = validate_record(&record);
+            let _ = strip_signatures(&record.value);
+        }
+    }
+
+    #[test]
+    fn openssh_encoding_round_trips_components() {
+        // e = 65537, n = 0x80…01 (high bit set: mpint gets a leading zero)
+        let mut n = vec![0x80u8; 1];
+        n.extend_from_slice(&[0x11; 62]);
+        n.push(0x01);
+        let key = RsaPublicKey::from_components(&n, &[1, 0, 1]).unwrap();
+        let line = key.to_openssh();
+        assert!(line.starts_with("ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB"));
+        let again = RsaPublicKey::from_openssh(format!("{line} comment here").as_bytes()).unwrap();
+        assert_eq!(again, key);
+        assert_eq!(again.modulus(), n);
+        assert!(RsaPublicKey::from_components(&n, &[2]).is_err()); // even e
+        assert!(RsaPublicKey::from_components(&[1, 0, 1], &[1, 0, 1]).is_err()); // e >= n
+        assert!(RsaPublicKey::from_components(&n, &[1]).is_err()); // e < 3
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Apiary's msgpack and DHTIDs against hivemind 1.1.12's own bytes (`tests/golden/msgpack/msgpack.json`,
 //! made by `tests/interop/golden_msgpack.py`), and hivemind decoding Apiary's bytes at test time.
 
+// test helpers outside #[test] fns unwrap too: a broken golden file should fail loudly
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -20,8 +23,11 @@ fn golden() -> Json {
 }
 
 fn unhex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd hex {s}");
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    assert!(s.len().is_multiple_of(2), "odd hex {s}");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -48,19 +54,29 @@ fn from_desc(d: &Json) -> Value {
         "list" => Value::List(a[1].as_array().unwrap().iter().map(from_desc).collect()),
         "tuple" => Value::Tuple(a[1].as_array().unwrap().iter().map(from_desc).collect()),
         "dict" => Value::Map(
-            a[1].as_array().unwrap().iter().map(|kv| (from_desc(&kv[0]), from_desc(&kv[1]))).collect(),
+            a[1].as_array()
+                .unwrap()
+                .iter()
+                .map(|kv| (from_desc(&kv[0]), from_desc(&kv[1])))
+                .collect(),
         ),
         "dhtdict" => {
             let number = |j: &Json| from_desc(j).as_number().unwrap();
             let mut d = DictionaryDhtValue::with_maxsize(number(&a[1]));
             for item in a[3].as_array().unwrap() {
-                assert!(d.store(from_desc(&item[0]), unhex(s(&item[1])), number(&item[2])), "duplicate in {item}");
+                assert!(
+                    d.store(from_desc(&item[0]), unhex(s(&item[1])), number(&item[2])),
+                    "duplicate in {item}"
+                );
             }
             d.set_latest_expiration_time(number(&a[2]));
             Value::DictionaryDhtValue(d)
         }
         "descr" => Value::TensorDescriptor(BatchTensorDescriptor::from_value(&from_desc(&a[1])).unwrap()),
-        "ext" => Value::Ext(Ext { code: a[1].as_i64().unwrap() as i8, data: unhex(s(&a[2])) }),
+        "ext" => Value::Ext(Ext {
+            code: a[1].as_i64().unwrap() as i8,
+            data: unhex(s(&a[2])),
+        }),
         other => panic!("unknown description tag {other}"),
     }
 }
@@ -124,7 +140,10 @@ fn encode_only_values_hivemind_cannot_load() {
         let value = from_desc(&case["value"]);
         assert_eq!(hex(&msgpack::encode(&value)), s(&case["hex"]), "{name}");
         let err = msgpack::decode(&unhex(s(&case["hex"]))).unwrap_err();
-        assert!(matches!(err, DecodeError::InvalidMapKey { .. }), "{name}: {err:?}");
+        assert!(
+            matches!(err, DecodeError::InvalidMapKey { .. }),
+            "{name}: {err:?}"
+        );
     }
 }
 
@@ -135,7 +154,11 @@ fn errors_hivemind_rejects() {
         let name = s(&case["name"]);
         let bytes = unhex(s(&case["hex"]));
         let result = msgpack::decode(&bytes);
-        assert!(result.is_err(), "{name}: hivemind raises {} but apiary decoded {result:?}", case["error"]);
+        assert!(
+            result.is_err(),
+            "{name}: hivemind raises {} but apiary decoded {result:?}",
+            case["error"]
+        );
     }
 }
 
@@ -146,16 +169,26 @@ fn dhtids_match_hivemind() {
     assert!(ids.len() > 20);
     for case in ids {
         let key = from_desc(&case["key"]);
-        assert_eq!(DhtId::from_key(&key).to_string(), s(&case["id"]), "DHTID.generate({key:?})");
+        assert_eq!(
+            DhtId::from_key(&key).to_string(),
+            s(&case["id"]),
+            "DHTID.generate({key:?})"
+        );
     }
     for pair in g["dhtid_pairs"].as_array().unwrap() {
         let a = DhtId::from_bytes(&unhex(s(&pair["a"]))).unwrap();
         let b: DhtId = s(&pair["b"]).parse().unwrap();
         assert_eq!(a.xor_distance(&b).to_string(), s(&pair["xor"]));
-        assert_eq!(u64::from(a.common_prefix_len(&b)), pair["common_prefix"].as_u64().unwrap());
+        assert_eq!(
+            u64::from(a.common_prefix_len(&b)),
+            pair["common_prefix"].as_u64().unwrap()
+        );
         assert_eq!(a < b, pair["a_lt_b"].as_bool().unwrap());
     }
-    assert_eq!(DhtId::from_key(&Value::from("ffn.0.5")).to_string(), "fb166bc637dbb6bf8e27460f94bbf41e1e69c6a4");
+    assert_eq!(
+        DhtId::from_key(&Value::from("ffn.0.5")).to_string(),
+        "fb166bc637dbb6bf8e27460f94bbf41e1e69c6a4"
+    );
 }
 
 #[test]
@@ -167,19 +200,31 @@ fn rpc_info_of_real_module_backends() {
         let name = s(&case["name"]);
         let decoded = msgpack::decode(&unhex(s(&case["hex"]))).unwrap();
         let info = RpcInfo::from_value(&decoded).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(hex(&info.to_msgpack()), s(&case["hex"]), "{name}: RpcInfo round trip");
+        assert_eq!(
+            hex(&info.to_msgpack()),
+            s(&case["hex"]),
+            "{name}: RpcInfo round trip"
+        );
     }
     let by_name = |n: &str| unhex(s(&infos.iter().find(|c| c["name"] == n).unwrap()["hex"]));
 
     // Appendix B, built with the API: ModuleBackend("ffn.0.5", FeedforwardBlock(4), args_schema=(BatchTensorDescriptor(4),))
-    let output =
-        BatchTensorDescriptor::new([4]).with_dtype("float32").with_device(Device::cpu()).with_requires_grad(true);
+    let output = BatchTensorDescriptor::new([4])
+        .with_dtype("float32")
+        .with_device(Device::cpu())
+        .with_requires_grad(true);
     let info = expert_info([BatchTensorDescriptor::new([4])], [], output.clone());
     assert_eq!(msgpack::encode(&info), by_name("appendix_b_ffn"));
 
     // Server.create(expert_cls="ffn", hidden_dim=1024, compression=FLOAT16): inputs from a sample tensor
-    let input = BatchTensorDescriptor::new([1024]).with_dtype("torch.float32").with_device(Device::cpu()).with_compression(2);
-    let output = BatchTensorDescriptor::new([1024]).with_dtype("float").with_device(Device::cpu()).with_requires_grad(true);
+    let input = BatchTensorDescriptor::new([1024])
+        .with_dtype("torch.float32")
+        .with_device(Device::cpu())
+        .with_compression(2);
+    let output = BatchTensorDescriptor::new([1024])
+        .with_dtype("float")
+        .with_device(Device::cpu())
+        .with_requires_grad(true);
     let info = RpcInfo::new([input], [], output);
     assert_eq!(info.to_msgpack(), by_name("server_create_ffn"));
     assert_eq!(info.keyword_names, Vec::<String>::new());
@@ -188,14 +233,26 @@ fn rpc_info_of_real_module_backends() {
     let decoded = msgpack::decode(&by_name("kwargs_tuple_outputs")).unwrap();
     let info = RpcInfo::from_value(&decoded).unwrap();
     assert_eq!(info.keyword_names, vec!["scale".to_owned()]);
-    assert_eq!(info.kwargs_schema[0].1.as_tensor_descriptor().unwrap().instance_size, vec![1]);
+    assert_eq!(
+        info.kwargs_schema[0]
+            .1
+            .as_tensor_descriptor()
+            .unwrap()
+            .instance_size,
+        vec![1]
+    );
     assert_eq!(info.outputs_schema.as_tuple().unwrap().len(), 2);
 }
 
 #[test]
 fn declared_dictionaries_typed_view() {
     let g = golden();
-    let case = g["values"].as_array().unwrap().iter().find(|c| c["name"] == "dhtdict_declared_ffn.0.").unwrap();
+    let case = g["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dhtdict_declared_ffn.0.")
+        .unwrap();
     let v = msgpack::decode(&unhex(s(&case["hex"]))).unwrap();
     let d = v.as_dictionary().unwrap();
     assert_eq!(d.maxsize(), Number::Float(f64::INFINITY));
@@ -230,19 +287,36 @@ fn apiary_values() -> Vec<(String, Value)> {
     }
     prefix.store(-1, msgpack::encode(&Value::Nil), 4.3e9);
     out.push(("api_declared_prefix".into(), prefix.into()));
-    let descr = BatchTensorDescriptor::new([128, 16]).with_dtype("bfloat16").with_device(Device {
-        device_type: "cuda".into(),
-        index: Some(0),
-    });
+    let descr = BatchTensorDescriptor::new([128, 16])
+        .with_dtype("bfloat16")
+        .with_device(Device {
+            device_type: "cuda".into(),
+            index: Some(0),
+        });
     let info = RpcInfo::new(
-        [descr.clone(), BatchTensorDescriptor::new([128]).with_dtype("bool")],
-        [("mask".to_owned(), BatchTensorDescriptor::new([128]).with_dtype("bool"))],
+        [
+            descr.clone(),
+            BatchTensorDescriptor::new([128]).with_dtype("bool"),
+        ],
+        [(
+            "mask".to_owned(),
+            BatchTensorDescriptor::new([128]).with_dtype("bool"),
+        )],
         Value::tuple([descr.clone(), descr.with_compression(1)]),
     );
     out.push(("api_rpc_info".into(), info.into()));
-    out.push(("api_nested".into(), Value::map([("k", Value::tuple([Value::list([1u8]), Value::from(())]))])));
-    out.push(("api_ints".into(), Value::list([Value::Int(Int::MIN), Value::Int(Int::MAX), Value::from(-33)])));
-    out.push(("api_floats".into(), Value::list([f64::NAN, -0.0, f64::INFINITY, 1e-310])));
+    out.push((
+        "api_nested".into(),
+        Value::map([("k", Value::tuple([Value::list([1u8]), Value::from(())]))]),
+    ));
+    out.push((
+        "api_ints".into(),
+        Value::list([Value::Int(Int::MIN), Value::Int(Int::MAX), Value::from(-33)]),
+    ));
+    out.push((
+        "api_floats".into(),
+        Value::list([f64::NAN, -0.0, f64::INFINITY, 1e-310]),
+    ));
     out
 }
 
@@ -264,9 +338,21 @@ fn hivemind_loads_apiary_bytes() {
     let mut names = BTreeSet::new();
     for ((name, value), result) in values.iter().zip(results) {
         assert_eq!(s(&result["name"]), name);
-        assert!(result.get("error").is_none(), "{name}: hivemind failed to load apiary's bytes: {}", result["error"]);
-        assert_eq!(&from_desc(&result["value"]), value, "{name}: hivemind decoded a different value");
-        assert_eq!(s(&result["canonical"]), hex(&msgpack::encode(value)), "{name}: hivemind re-encodes differently");
+        assert!(
+            result.get("error").is_none(),
+            "{name}: hivemind failed to load apiary's bytes: {}",
+            result["error"]
+        );
+        assert_eq!(
+            &from_desc(&result["value"]),
+            value,
+            "{name}: hivemind decoded a different value"
+        );
+        assert_eq!(
+            s(&result["canonical"]),
+            hex(&msgpack::encode(value)),
+            "{name}: hivemind re-encodes differently"
+        );
         names.insert(name.clone());
     }
     assert_eq!(names.len(), values.len());

@@ -15,7 +15,10 @@ use prost::Message;
 
 /// The same deterministic bytes as golden_proto.py's `pat(seed, n)`.
 fn pat(seed: usize, n: usize) -> Bytes {
-    (0..n).map(|i| ((seed + 37 * i) % 256) as u8).collect::<Vec<u8>>().into()
+    (0..n)
+        .map(|i| ((seed + 37 * i) % 256) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -26,7 +29,8 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 fn golden() -> BTreeMap<String, (String, Vec<u8>)> {
-    let text = std::fs::read_to_string(common::golden_dir().join("proto/messages.json")).expect("golden file");
+    let text =
+        std::fs::read_to_string(common::golden_dir().join("proto/messages.json")).expect("golden file");
     let json: serde_json::Value = serde_json::from_str(&text).expect("golden json");
     json["cases"]
         .as_array()
@@ -35,7 +39,10 @@ fn golden() -> BTreeMap<String, (String, Vec<u8>)> {
         .map(|c| {
             (
                 c["name"].as_str().expect("name").to_owned(),
-                (c["message"].as_str().expect("message").to_owned(), unhex(c["hex"].as_str().expect("hex"))),
+                (
+                    c["message"].as_str().expect("message").to_owned(),
+                    unhex(c["hex"].as_str().expect("hex")),
+                ),
             )
         })
         .collect()
@@ -44,7 +51,10 @@ fn golden() -> BTreeMap<String, (String, Vec<u8>)> {
 /// Decodes hivemind's bytes into `M`, compares with `expected`, re-encodes and compares bytes.
 fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], expected: M) {
     let decoded = M::decode(hivemind).unwrap_or_else(|e| panic!("{name}: Apiary cannot decode: {e}"));
-    assert_eq!(decoded, expected, "{name}: decoded value differs from the expected message");
+    assert_eq!(
+        decoded, expected,
+        "{name}: decoded value differs from the expected message"
+    );
     assert_eq!(
         expected.encode_to_vec(),
         hivemind,
@@ -53,7 +63,10 @@ fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], 
     // Every strict prefix must be rejected or decode to something else, never panic.
     for cut in 0..hivemind.len() {
         if let Ok(m) = M::decode(&hivemind[..cut]) {
-            assert_ne!(m, expected, "{name}: prefix of {cut} bytes decoded to the whole message");
+            assert_ne!(
+                m, expected,
+                "{name}: prefix of {cut} bytes decoded to the whole message"
+            );
         }
     }
 }
@@ -62,22 +75,40 @@ fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], 
 /// strict prefix that drops a required field is refused.
 fn check2<M: Proto2 + PartialEq + Debug>(name: &str, hivemind: &[u8], expected: M) {
     let decoded = M::decode_strict(hivemind).unwrap_or_else(|e| panic!("{name}: Apiary refuses: {e}"));
-    assert_eq!(decoded, expected, "{name}: decoded value differs from the expected message");
-    assert_eq!(expected.encode_to_vec(), hivemind, "{name}: Apiary's bytes differ from hivemind's");
+    assert_eq!(
+        decoded, expected,
+        "{name}: decoded value differs from the expected message"
+    );
+    assert_eq!(
+        expected.encode_to_vec(),
+        hivemind,
+        "{name}: Apiary's bytes differ from hivemind's"
+    );
     for cut in 0..hivemind.len() {
         if let Ok(m) = M::decode_strict(&hivemind[..cut]) {
-            assert_ne!(m, expected, "{name}: prefix of {cut} bytes decoded to the whole message");
+            assert_ne!(
+                m, expected,
+                "{name}: prefix of {cut} bytes decoded to the whole message"
+            );
         }
     }
-    assert!(M::decode_strict(&[]).is_err() || M::REQUIRED.is_empty(), "{name}: empty bytes accepted");
+    assert!(
+        M::decode_strict(&[]).is_err() || M::REQUIRED.is_empty(),
+        "{name}: empty bytes accepted"
+    );
 }
 
 fn node(seed: usize) -> Option<dht::NodeInfo> {
-    Some(dht::NodeInfo { node_id: pat(seed, 20) })
+    Some(dht::NodeInfo {
+        node_id: pat(seed, 20),
+    })
 }
 
 fn tensor(seed: usize, n: usize) -> runtime::Tensor {
-    runtime::Tensor { buffer: pat(seed, n), ..Default::default() }
+    runtime::Tensor {
+        buffer: pat(seed, n),
+        ..Default::default()
+    }
 }
 
 fn access_token() -> auth::AccessToken {
@@ -100,15 +131,29 @@ fn request_auth() -> auth::RequestAuthInfo {
 }
 
 fn response_auth() -> auth::ResponseAuthInfo {
-    auth::ResponseAuthInfo { service_access_token: Some(access_token()), nonce: pat(6, 8), signature: pat(8, 256) }
+    auth::ResponseAuthInfo {
+        service_access_token: Some(access_token()),
+        nonce: pat(6, 8),
+        signature: pat(8, 256),
+    }
 }
 
-fn envelope(call: usize, message: p2pd::persistent_connection_request::Message) -> p2pd::PersistentConnectionRequest {
-    p2pd::PersistentConnectionRequest { call_id: pat(call, 16), message: Some(message) }
+fn envelope(
+    call: usize,
+    message: p2pd::persistent_connection_request::Message,
+) -> p2pd::PersistentConnectionRequest {
+    p2pd::PersistentConnectionRequest {
+        call_id: pat(call, 16),
+        message: Some(message),
+    }
 }
 
 fn call_unary(peer: usize, proto: &str, data: Bytes) -> p2pd::CallUnaryRequest {
-    p2pd::CallUnaryRequest { peer: pat(peer, 38), proto: proto.into(), data }
+    p2pd::CallUnaryRequest {
+        peer: pat(peer, 38),
+        proto: proto.into(),
+        data,
+    }
 }
 
 fn unary_response(result: p2pd::call_unary_response::Result) -> p2pd::CallUnaryResponse {
@@ -131,19 +176,43 @@ fn every_message_kind_matches_hivemind_both_ways() {
         match n {
             "node_info_empty" => check(n, b, dht::NodeInfo::default()),
             "node_info" => check(n, b, node(1).expect("node")),
-            "ping_request" => check(n, b, dht::PingRequest { auth: None, peer: node(1), validate: true }),
-            "ping_request_auth" => {
-                check(n, b, dht::PingRequest { auth: Some(request_auth()), peer: node(1), validate: false })
-            }
+            "ping_request" => check(
+                n,
+                b,
+                dht::PingRequest {
+                    auth: None,
+                    peer: node(1),
+                    validate: true,
+                },
+            ),
+            "ping_request_auth" => check(
+                n,
+                b,
+                dht::PingRequest {
+                    auth: Some(request_auth()),
+                    peer: node(1),
+                    validate: false,
+                },
+            ),
             "ping_response" => check(
                 n,
                 b,
-                dht::PingResponse { auth: None, peer: node(2), dht_time: 1795759842.50162, available: true },
+                dht::PingResponse {
+                    auth: None,
+                    peer: node(2),
+                    dht_time: 1795759842.50162,
+                    available: true,
+                },
             ),
             "ping_response_auth" => check(
                 n,
                 b,
-                dht::PingResponse { auth: Some(response_auth()), peer: node(2), dht_time: 1.5, available: false },
+                dht::PingResponse {
+                    auth: Some(response_auth()),
+                    peer: node(2),
+                    dht_time: 1.5,
+                    available: false,
+                },
             ),
             "store_request" => check(
                 n,
@@ -151,7 +220,11 @@ fn every_message_kind_matches_hivemind_both_ways() {
                 dht::StoreRequest {
                     auth: None,
                     keys: vec![pat(10, 20), pat(11, 20), pat(12, 20)],
-                    subkeys: vec![Bytes::from_static(b"\xc0"), Bytes::from_static(b"\x05"), Bytes::new()],
+                    subkeys: vec![
+                        Bytes::from_static(b"\xc0"),
+                        Bytes::from_static(b"\x05"),
+                        Bytes::new(),
+                    ],
                     values: vec![pat(13, 7), pat(14, 300), Bytes::new()],
                     expiration_time: vec![1795759842.5, 1795759900.25, 0.0],
                     in_cache: vec![false, true, false],
@@ -161,15 +234,29 @@ fn every_message_kind_matches_hivemind_both_ways() {
             "store_response" => check(
                 n,
                 b,
-                dht::StoreResponse { auth: None, store_ok: vec![true, false, true], peer: node(2) },
+                dht::StoreResponse {
+                    auth: None,
+                    store_ok: vec![true, false, true],
+                    peer: node(2),
+                },
             ),
-            "find_request" => {
-                check(n, b, dht::FindRequest { auth: None, keys: vec![pat(20, 20), pat(21, 20)], peer: node(1) })
-            }
+            "find_request" => check(
+                n,
+                b,
+                dht::FindRequest {
+                    auth: None,
+                    keys: vec![pat(20, 20), pat(21, 20)],
+                    peer: node(1),
+                },
+            ),
             "find_request_client_mode" => check(
                 n,
                 b,
-                dht::FindRequest { auth: None, keys: vec![pat(20, 20)], peer: Some(dht::NodeInfo::default()) },
+                dht::FindRequest {
+                    auth: None,
+                    keys: vec![pat(20, 20)],
+                    peer: Some(dht::NodeInfo::default()),
+                },
             ),
             "find_response" => check(
                 n,
@@ -202,8 +289,20 @@ fn every_message_kind_matches_hivemind_both_ways() {
                     peer: node(2),
                 },
             ),
-            "expert_uid" => check(n, b, runtime::ExpertUid { uid: "ffn.0.5".into() }),
-            "expert_info" => check(n, b, runtime::ExpertInfo { serialized_info: pat(40, 250) }),
+            "expert_uid" => check(
+                n,
+                b,
+                runtime::ExpertUid {
+                    uid: "ffn.0.5".into(),
+                },
+            ),
+            "expert_info" => check(
+                n,
+                b,
+                runtime::ExpertInfo {
+                    serialized_info: pat(40, 250),
+                },
+            ),
             "tensor_full" => check(
                 n,
                 b,
@@ -227,9 +326,15 @@ fn every_message_kind_matches_hivemind_both_ways() {
                 },
             ),
             "tensor_chunk_tail" => check(n, b, tensor(43, 64)),
-            "tensor_scalar" => {
-                check(n, b, runtime::Tensor { size: vec![], dtype: "float32".into(), ..tensor(44, 4) })
-            }
+            "tensor_scalar" => check(
+                n,
+                b,
+                runtime::Tensor {
+                    size: vec![],
+                    dtype: "float32".into(),
+                    ..tensor(44, 4)
+                },
+            ),
             "tensor_large_dims" => check(
                 n,
                 b,
@@ -301,7 +406,10 @@ fn every_message_kind_matches_hivemind_both_ways() {
             "message_from_leader_rejection" => check(
                 n,
                 b,
-                averaging::MessageFromLeader { code: M::BadGroupKey as i32, ..Default::default() },
+                averaging::MessageFromLeader {
+                    code: M::BadGroupKey as i32,
+                    ..Default::default()
+                },
             ),
             "averaging_data" => check(
                 n,
@@ -341,28 +449,59 @@ fn every_message_kind_matches_hivemind_both_ways() {
             "public_key_ed25519" => check2(
                 n,
                 b,
-                crypto::PublicKey { key_type: crypto::KeyType::Ed25519 as i32, data: pat(70, 32) },
+                crypto::PublicKey {
+                    key_type: crypto::KeyType::Ed25519 as i32,
+                    data: pat(70, 32),
+                },
             ),
-            "private_key_rsa" => {
-                check2(n, b, crypto::PrivateKey { key_type: crypto::KeyType::Rsa as i32, data: pat(71, 1190) })
-            }
-            "public_key_rsa_empty_data" => {
-                check2(n, b, crypto::PublicKey { key_type: crypto::KeyType::Rsa as i32, data: Bytes::new() })
-            }
-            "envelope_call_unary" => {
-                check2(n, b, envelope(80, Req::CallUnary(call_unary(81, "DHTProtocol.rpc_find", pat(82, 50)))))
-            }
+            "private_key_rsa" => check2(
+                n,
+                b,
+                crypto::PrivateKey {
+                    key_type: crypto::KeyType::Rsa as i32,
+                    data: pat(71, 1190),
+                },
+            ),
+            "public_key_rsa_empty_data" => check2(
+                n,
+                b,
+                crypto::PublicKey {
+                    key_type: crypto::KeyType::Rsa as i32,
+                    data: Bytes::new(),
+                },
+            ),
+            "envelope_call_unary" => check2(
+                n,
+                b,
+                envelope(
+                    80,
+                    Req::CallUnary(call_unary(81, "DHTProtocol.rpc_find", pat(82, 50))),
+                ),
+            ),
             "envelope_call_unary_empty_data" => check2(
                 n,
                 b,
-                envelope(83, Req::CallUnary(call_unary(84, "ExampleServicer.rpc_square", Bytes::new()))),
+                envelope(
+                    83,
+                    Req::CallUnary(call_unary(84, "ExampleServicer.rpc_square", Bytes::new())),
+                ),
             ),
-            "envelope_unary_response" => {
-                check2(n, b, envelope(80, Req::UnaryResponse(unary_response(UnaryResult::Response(pat(85, 70))))))
-            }
-            "envelope_unary_response_empty" => {
-                check2(n, b, envelope(80, Req::UnaryResponse(unary_response(UnaryResult::Response(Bytes::new())))))
-            }
+            "envelope_unary_response" => check2(
+                n,
+                b,
+                envelope(
+                    80,
+                    Req::UnaryResponse(unary_response(UnaryResult::Response(pat(85, 70)))),
+                ),
+            ),
+            "envelope_unary_response_empty" => check2(
+                n,
+                b,
+                envelope(
+                    80,
+                    Req::UnaryResponse(unary_response(UnaryResult::Response(Bytes::new()))),
+                ),
+            ),
             "envelope_unary_error" => check2(
                 n,
                 b,
@@ -390,7 +529,9 @@ fn every_message_kind_matches_hivemind_both_ways() {
                 b,
                 envelope(
                     88,
-                    Req::RemoveUnaryHandler(p2pd::RemoveUnaryHandlerRequest { proto: "DHTProtocol.rpc_ping".into() }),
+                    Req::RemoveUnaryHandler(p2pd::RemoveUnaryHandlerRequest {
+                        proto: "DHTProtocol.rpc_ping".into(),
+                    }),
                 ),
             ),
             "daemon_request_handling" => check2(
@@ -398,7 +539,11 @@ fn every_message_kind_matches_hivemind_both_ways() {
                 b,
                 p2pd::PersistentConnectionResponse {
                     call_id: pat(89, 16),
-                    message: Some(Resp::RequestHandling(call_unary(90, "DHTProtocol.rpc_store", pat(91, 33)))),
+                    message: Some(Resp::RequestHandling(call_unary(
+                        90,
+                        "DHTProtocol.rpc_store",
+                        pat(91, 33),
+                    ))),
                 },
             ),
             "daemon_call_response" => check2(
@@ -406,7 +551,9 @@ fn every_message_kind_matches_hivemind_both_ways() {
                 b,
                 p2pd::PersistentConnectionResponse {
                     call_id: pat(89, 16),
-                    message: Some(Resp::CallUnaryResponse(unary_response(UnaryResult::Response(pat(92, 12))))),
+                    message: Some(Resp::CallUnaryResponse(unary_response(UnaryResult::Response(
+                        pat(92, 12),
+                    )))),
                 },
             ),
             "daemon_error" => check2(
@@ -414,15 +561,26 @@ fn every_message_kind_matches_hivemind_both_ways() {
                 b,
                 p2pd::PersistentConnectionResponse {
                     call_id: pat(89, 16),
-                    message: Some(Resp::DaemonError(p2pd::DaemonError { message: Some("handler not found".into()) })),
+                    message: Some(Resp::DaemonError(p2pd::DaemonError {
+                        message: Some("handler not found".into()),
+                    })),
                 },
             ),
-            "rpc_error" => check2(n, b, p2pd::RpcError { message: Some("Exception('boom')".into()) }),
+            "rpc_error" => check2(
+                n,
+                b,
+                p2pd::RpcError {
+                    message: Some("Exception('boom')".into()),
+                },
+            ),
             "rpc_error_end_of_stream" => check2(n, b, p2pd::RpcError { message: None }),
             "control_persistent_upgrade" => check2(
                 n,
                 b,
-                p2pd::Request { r#type: p2pd::request::Type::PersistentConnUpgrade as i32, ..Default::default() },
+                p2pd::Request {
+                    r#type: p2pd::request::Type::PersistentConnUpgrade as i32,
+                    ..Default::default()
+                },
             ),
             "control_stream_open" => check2(
                 n,
@@ -437,15 +595,23 @@ fn every_message_kind_matches_hivemind_both_ways() {
                     ..Default::default()
                 },
             ),
-            "control_response_ok" => {
-                check2(n, b, p2pd::Response { r#type: p2pd::response::Type::Ok as i32, ..Default::default() })
-            }
+            "control_response_ok" => check2(
+                n,
+                b,
+                p2pd::Response {
+                    r#type: p2pd::response::Type::Ok as i32,
+                    ..Default::default()
+                },
+            ),
             "control_response_identify" => check2(
                 n,
                 b,
                 p2pd::Response {
                     r#type: p2pd::response::Type::Ok as i32,
-                    identify: Some(p2pd::IdentifyResponse { id: pat(94, 38), addrs: vec![pat(95, 8), pat(96, 22)] }),
+                    identify: Some(p2pd::IdentifyResponse {
+                        id: pat(94, 38),
+                        addrs: vec![pat(95, 8), pat(96, 22)],
+                    }),
                     ..Default::default()
                 },
             ),

@@ -1,5 +1,204 @@
-//! `cargo xtask bench` (being written).
+//! `cargo xtask bench`: Apiary's tensor codecs beside hivemind's, on this machine, in one run.
+//!
+//! Both sides time the measure of hivemind's `benchmarks/benchmark_tensor_compression.py`: a seeded
+//! 10M-element float32 randn vector serialized to a `runtime.proto` Tensor and deserialized back, per
+//! codec, median of 30 iterations. Apiary's side is apiary-wire's `codec_throughput` example (release
+//! build), hivemind's is `tests/interop/bench_tensor_compression.py` in the cached venv. Both print JSON
+//! lines; this prints a markdown table and writes it to `target/bench/tensor-codecs.md`.
+//!
+//! ```text
+//! cargo xtask bench [--iters 30] [--size 10000000]
+//! ```
 
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("cargo xtask bench is being written")
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{root, setup, show, step};
+
+/// Table rows: `(label, Apiary's row, hivemind's row)`.
+const ROWS: &[(&str, &str, &str)] = &[
+    ("NONE (zero-copy)", "NONE", "NONE"),
+    ("NONE (+ copy from &[f32])", "NONE+copy", "NONE"),
+    ("FLOAT16", "FLOAT16", "FLOAT16"),
+    ("MEANSTD_16BIT", "MEANSTD_16BIT", "MEANSTD_16BIT"),
+    ("UNIFORM_8BIT", "UNIFORM_8BIT", "UNIFORM_8BIT"),
+    ("QUANTILE_8BIT", "QUANTILE_8BIT", "QUANTILE_8BIT"),
+    ("BLOCKWISE_8BIT", "BLOCKWISE_8BIT", "BLOCKWISE_8BIT"),
+];
+
+#[derive(Debug)]
+struct Measure {
+    codec: String,
+    median_s: f64,
+    gbps: f64,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (mut iters, mut size) = (30usize, 10_000_000usize);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<usize> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{name} needs a positive number"))
+        };
+        match a.as_str() {
+            "--iters" => iters = value("--iters")?.max(1),
+            "--size" => size = value("--size")?.max(1),
+            other => bail!("unknown argument {other:?}; usage: cargo xtask bench [--iters N] [--size N]"),
+        }
+    }
+    let env = setup::all()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    step(
+        "build Apiary's codec benchmark (release)",
+        Command::new(&cargo).args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "apiary-wire",
+            "--example",
+            "codec_throughput",
+        ]),
+    )?;
+    let (size_s, iters_s) = (size.to_string(), iters.to_string());
+    let apiary = measure(
+        "Apiary: serialize + deserialize per codec",
+        Command::new(&cargo)
+            .args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "apiary-wire",
+                "--example",
+                "codec_throughput",
+                "--",
+            ])
+            .args(["--size", &size_s, "--iters", &iters_s]),
+    )?;
+    let hivemind = measure(
+        "hivemind 1.1.12: serialize_torch_tensor + deserialize_torch_tensor per codec",
+        Command::new(&env.hivemind_python)
+            .arg(root().join("tests/interop/bench_tensor_compression.py"))
+            .args(["--size", &size_s, "--iters", &iters_s]),
+    )?;
+    let report = table(&apiary, &hivemind, size, iters)?;
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("tensor-codecs.md");
+    std::fs::write(&file, &report).with_context(|| format!("writing {}", file.display()))?;
+    print_report(&report);
+    eprintln!("xtask: table written to {}", file.display());
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn print_report(report: &str) {
+    println!("{report}");
+}
+
+/// Runs a benchmark command (stderr shown, stdout captured) and parses its JSON lines.
+fn measure(why: &str, cmd: &mut Command) -> Result<Vec<Measure>> {
+    eprintln!("\n==> {why}\n    $ {}", show(cmd));
+    let out = cmd
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{}`", show(cmd)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", show(cmd), out.status);
+    }
+    let text = String::from_utf8(out.stdout).context("benchmark output is not UTF-8")?;
+    let mut rows = Vec::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("bad benchmark line {line:?}"))?;
+        let field = |k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {line:?}"));
+        rows.push(Measure {
+            codec: v["codec"].as_str().context("codec missing")?.to_owned(),
+            median_s: field("median_s")?,
+            gbps: field("gbps")?,
+        });
+    }
+    if rows.is_empty() {
+        bail!("`{}` printed no measurements", show(cmd));
+    }
+    Ok(rows)
+}
+
+fn find<'a>(rows: &'a [Measure], codec: &str) -> Result<&'a Measure> {
+    rows.iter()
+        .find(|m| m.codec == codec)
+        .with_context(|| format!("no {codec} measurement"))
+}
+
+fn gbps(m: &Measure) -> String {
+    if m.gbps >= 1000.0 {
+        format!("{:.0} ({:.1} µs)", m.gbps, m.median_s * 1e6)
+    } else {
+        format!("{:.2} ({:.1} ms)", m.gbps, m.median_s * 1e3)
+    }
+}
+
+fn table(apiary: &[Measure], hivemind: &[Measure], size: usize, iters: usize) -> Result<String> {
+    let memcpy = find(apiary, "memcpy")?;
+    let alloc_memcpy = find(apiary, "alloc+memcpy")?;
+    let mut t = String::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    writeln!(
+        t,
+        "## Tensor codecs: serialize + deserialize of {size} float32 values (median of {iters})\n"
+    )?;
+    writeln!(
+        t,
+        "Machine: {cpu}, {cores} CPUs. GB/s = 4·numel bytes / median round-trip time (10^9 B/s).\n"
+    )?;
+    writeln!(t, "| codec | Apiary GB/s | hivemind GB/s | ratio | memcpy GB/s |")?;
+    writeln!(t, "|---|---|---|---|---|")?;
+    let mut worst = f64::INFINITY;
+    for &(label, ours, theirs) in ROWS {
+        let (a, h) = (find(apiary, ours)?, find(hivemind, theirs)?);
+        let ratio = a.gbps / h.gbps;
+        if ours != "NONE" {
+            worst = worst.min(ratio);
+        }
+        writeln!(
+            t,
+            "| {label} | {} | {} | {ratio:.1}× | {:.2} |",
+            gbps(a),
+            gbps(h),
+            memcpy.gbps
+        )?;
+    }
+    let copy = find(apiary, "NONE+copy")?;
+    writeln!(t)?;
+    writeln!(
+        t,
+        "- memcpy: `copy_from_slice` into an existing buffer; with a fresh allocation (every page faulted in) it \
+         is {:.2} GB/s.",
+        alloc_memcpy.gbps
+    )?;
+    writeln!(
+        t,
+        "- NONE (zero-copy) shares the tensor's buffer both ways; NONE (+ copy) starts from a borrowed `&[f32]` and \
+         runs at {:.0}% of memcpy (target ≥ 50%).",
+        100.0 * copy.gbps / memcpy.gbps
+    )?;
+    writeln!(
+        t,
+        "- Slowest codec ratio (NONE zero-copy excluded): {worst:.1}× (target ≥ 3×)."
+    )?;
+    Ok(t)
 }

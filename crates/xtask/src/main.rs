@@ -94,6 +94,18 @@ fn test(extra: &[String]) -> Result<()> {
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
     )?;
     step(
+        "dependencies: permissive licences, no banned crates, crates.io only (deny.toml)",
+        cargo().args([
+            "deny",
+            "--log-level",
+            "error",
+            "check",
+            "licenses",
+            "bans",
+            "sources",
+        ]),
+    )?;
+    step(
         "every test suite (unit, golden vectors against hivemind, interop through the hivemind venv)",
         cargo()
             .args(["test", "--workspace"])

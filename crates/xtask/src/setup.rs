@@ -27,14 +27,27 @@ pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| std::env::temp_dir());
+        .unwrap_or_else(std::env::temp_dir);
     base.join("apiary")
 }
 
 pub fn all() -> Result<Env> {
     system_packages()?;
+    cargo_tools()?;
     let hivemind_python = hivemind_venv()?;
     Ok(Env { hivemind_python })
+}
+
+/// cargo subcommands the checks use, installed into `~/.cargo/bin` (outside the clone) once.
+fn cargo_tools() -> Result<()> {
+    if succeeds(Command::new("cargo").args(["deny", "--version"])) {
+        eprintln!("==> cargo-deny: present");
+        return Ok(());
+    }
+    step(
+        "install cargo-deny (licence, ban and source checks of the dependency tree; once per machine)",
+        Command::new("cargo").args(["install", "--locked", "cargo-deny@^0.20"]),
+    )
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -108,7 +121,10 @@ fn hivemind_venv() -> Result<PathBuf> {
         std::fs::remove_dir_all(&venv).with_context(|| format!("removing half-made {}", venv.display()))?;
     }
     std::fs::create_dir_all(venv.parent().unwrap_or(&venv))?;
-    step("create the venv", Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    step(
+        "create the venv",
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+    )?;
     step(
         "install hivemind and its pins into the venv",
         Command::new(&python)

@@ -14,7 +14,9 @@ fn new_swarm() -> Swarm<ping::Behaviour> {
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
         .unwrap()
-        .with_behaviour(|_| ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200))))
+        .with_behaviour(|_| {
+            ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200)))
+        })
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build()
@@ -27,12 +29,20 @@ async fn ping_ok(swarm: &mut Swarm<ping::Behaviour>, peer: PeerId) -> Option<boo
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match swarm.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if peer_id == peer => {
+                SwarmEvent::ConnectionEstablished {
+                    peer_id, endpoint, ..
+                } if peer_id == peer => {
                     dialer = Some(matches!(endpoint, ConnectedPoint::Dialer { .. }));
                 }
-                SwarmEvent::Behaviour(ping::Event { peer: p, result: Ok(_), .. }) if p == peer => break,
+                SwarmEvent::Behaviour(ping::Event {
+                    peer: p,
+                    result: Ok(_),
+                    ..
+                }) if p == peer => break,
                 SwarmEvent::OutgoingConnectionError { error, .. } => panic!("dial failed: {error}"),
-                SwarmEvent::IncomingConnectionError { error, .. } => panic!("incoming connection failed: {error}"),
+                SwarmEvent::IncomingConnectionError { error, .. } => {
+                    panic!("incoming connection failed: {error}")
+                }
                 _ => {}
             }
         }
@@ -49,7 +59,11 @@ async fn rust_dials_hivemind_p2pd() {
     let peer: PeerId = hivemind.peer_id().parse().unwrap();
     let mut swarm = new_swarm();
     swarm.dial(addr).unwrap();
-    assert_eq!(ping_ok(&mut swarm, peer).await, Some(true), "we dialed, so the connection must be outbound");
+    assert_eq!(
+        ping_ok(&mut swarm, peer).await,
+        Some(true),
+        "we dialed, so the connection must be outbound"
+    );
 }
 
 #[tokio::test]
@@ -74,8 +88,14 @@ async fn hivemind_p2pd_dials_rust() {
         .unwrap();
     let peer = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
-            if let SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } = swarm.select_next_some().await {
-                assert!(matches!(endpoint, ConnectedPoint::Listener { .. }), "p2pd must have dialed us");
+            if let SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } = swarm.select_next_some().await
+            {
+                assert!(
+                    matches!(endpoint, ConnectedPoint::Listener { .. }),
+                    "p2pd must have dialed us"
+                );
                 break peer_id;
             }
         }

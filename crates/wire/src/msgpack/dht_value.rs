@@ -3,8 +3,8 @@
 use std::cmp::Ordering;
 
 use super::{
-    DICTIONARY_DHT_VALUE_EXT_CODE, DecodeError, Number, ShapeError, Sink, Value, decode, emit, emit_array_header,
-    emit_bin, emit_number,
+    DICTIONARY_DHT_VALUE_EXT_CODE, DecodeError, Number, ShapeError, Sink, Value, decode, emit,
+    emit_array_header, emit_bin, emit_number,
 };
 
 /// One sub-key of a [`DictionaryDhtValue`].
@@ -70,7 +70,11 @@ impl DictionaryDhtValue {
     pub fn with_maxsize(maxsize: impl Into<Number>) -> Self {
         let maxsize = maxsize.into();
         DictionaryDhtValue {
-            maxsize: if maxsize.is_truthy() { maxsize } else { Number::Float(f64::INFINITY) },
+            maxsize: if maxsize.is_truthy() {
+                maxsize
+            } else {
+                Number::Float(f64::INFINITY)
+            },
             ..Self::new()
         }
     }
@@ -95,7 +99,12 @@ impl DictionaryDhtValue {
     /// latest expiration moves forward even when the entry is rejected, an accepted replacement keeps
     /// the original sub-key object and position, and a `list`/`dict` sub-key (unhashable in Python,
     /// where `store` raises) is not stored.
-    pub fn store(&mut self, subkey: impl Into<Value>, value: impl Into<Vec<u8>>, expiration_time: impl Into<Number>) -> bool {
+    pub fn store(
+        &mut self,
+        subkey: impl Into<Value>,
+        value: impl Into<Vec<u8>>,
+        expiration_time: impl Into<Number>,
+    ) -> bool {
         let subkey = subkey.into();
         let expiration_time = expiration_time.into();
         if !subkey.is_hashable() {
@@ -116,7 +125,11 @@ impl DictionaryDhtValue {
                 }
             }
             None => {
-                self.entries.push(DictionaryEntry { subkey, value: value.into(), expiration_time });
+                self.entries.push(DictionaryEntry {
+                    subkey,
+                    value: value.into(),
+                    expiration_time,
+                });
                 true
             }
         }
@@ -128,11 +141,15 @@ impl DictionaryDhtValue {
     /// current DHT time before encoding; [`super::encode`] itself has no clock and writes every entry.
     pub fn remove_outdated(&mut self, now: f64) {
         let now = Number::Float(now);
-        self.entries.retain(|e| e.expiration_time.numeric_cmp(&now) != Some(Ordering::Less));
+        self.entries
+            .retain(|e| e.expiration_time.numeric_cmp(&now) != Some(Ordering::Less));
         let maxsize = self.maxsize;
         while Number::from(self.entries.len() as u64).numeric_cmp(&maxsize) == Some(Ordering::Greater) {
             let earliest = (0..self.entries.len()).reduce(|best, i| {
-                match self.entries[i].expiration_time.numeric_cmp(&self.entries[best].expiration_time) {
+                match self.entries[i]
+                    .expiration_time
+                    .numeric_cmp(&self.entries[best].expiration_time)
+                {
                     Some(Ordering::Less) => i,
                     _ => best,
                 }
@@ -204,9 +221,8 @@ impl DictionaryDhtValue {
     /// merge), then the transmitted latest expiration is set.
     pub fn from_value(v: Value) -> Result<Self, ShapeError> {
         let [maxsize, latest, items] = match v {
-            Value::List(parts) | Value::Tuple(parts) => {
-                <[Value; 3]>::try_from(parts).map_err(|_| ShapeError("expected [maxsize, latest_expiration_time, items]"))?
-            }
+            Value::List(parts) | Value::Tuple(parts) => <[Value; 3]>::try_from(parts)
+                .map_err(|_| ShapeError("expected [maxsize, latest_expiration_time, items]"))?,
             _ => return Err(ShapeError("expected [maxsize, latest_expiration_time, items]")),
         };
         let maxsize = if maxsize.is_truthy() {
@@ -214,17 +230,20 @@ impl DictionaryDhtValue {
         } else {
             Number::Float(f64::INFINITY)
         };
-        let latest = Number::from_value(&latest).ok_or(ShapeError("latest_expiration_time is not a number"))?;
+        let latest =
+            Number::from_value(&latest).ok_or(ShapeError("latest_expiration_time is not a number"))?;
         let items = match items {
             Value::List(items) | Value::Tuple(items) => items,
             _ => return Err(ShapeError("items is not a list")),
         };
-        let mut out = DictionaryDhtValue { maxsize, ..Self::new() };
+        let mut out = DictionaryDhtValue {
+            maxsize,
+            ..Self::new()
+        };
         for item in items {
             let [subkey, value, expiration] = match item {
-                Value::List(parts) | Value::Tuple(parts) => {
-                    <[Value; 3]>::try_from(parts).map_err(|_| ShapeError("an item is not [subkey, value, expiration]"))?
-                }
+                Value::List(parts) | Value::Tuple(parts) => <[Value; 3]>::try_from(parts)
+                    .map_err(|_| ShapeError("an item is not [subkey, value, expiration]"))?,
                 _ => return Err(ShapeError("an item is not [subkey, value, expiration]")),
             };
             if !subkey.is_hashable() {
@@ -233,7 +252,8 @@ impl DictionaryDhtValue {
             let Value::Bin(value) = value else {
                 return Err(ShapeError("an item's value is not bytes"));
             };
-            let expiration = Number::from_value(&expiration).ok_or(ShapeError("an item's expiration is not a number"))?;
+            let expiration =
+                Number::from_value(&expiration).ok_or(ShapeError("an item's expiration is not a number"))?;
             out.store(subkey, value, expiration);
         }
         out.latest_expiration_time = latest;
@@ -290,7 +310,10 @@ mod tests {
         d.store(6, b"y".to_vec(), 1e10 + 1.0);
         // MSGPackSerializer.dumps of the same DictionaryDHTValue in hivemind 1.1.12
         let expected = "c7305093cb7ff0000000000000cb4202a05f20080000929305c40178cb4202a05f200000009306c40179cb4202a05f20080000";
-        let got: String = encode(&Value::from(d.clone())).iter().map(|b| format!("{b:02x}")).collect();
+        let got: String = encode(&Value::from(d.clone()))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(got, expected);
         assert_eq!(DictionaryDhtValue::from_payload(&d.to_payload()).unwrap(), d);
     }
@@ -313,6 +336,9 @@ mod tests {
         let payload = encode(&Value::list([Value::Nil, Value::Float(1.0), Value::List(vec![])]));
         let d = DictionaryDhtValue::from_payload(&payload).unwrap();
         assert_eq!(d.maxsize(), Number::Float(f64::INFINITY));
-        assert_eq!(DictionaryDhtValue::with_maxsize(0).maxsize(), Number::Float(f64::INFINITY));
+        assert_eq!(
+            DictionaryDhtValue::with_maxsize(0).maxsize(),
+            Number::Float(f64::INFINITY)
+        );
     }
 }

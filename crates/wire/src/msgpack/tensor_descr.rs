@@ -27,7 +27,10 @@ fn canonical_torch_name(name: &str, aliases: &[(&str, &str)]) -> Result<String, 
     if last.is_empty() {
         return Err(ShapeError("empty torch type name"));
     }
-    let canon = aliases.iter().find(|(alias, _)| *alias == last).map_or(last, |(_, c)| c);
+    let canon = aliases
+        .iter()
+        .find(|(alias, _)| *alias == last)
+        .map_or(last, |(_, c)| c);
     Ok(format!("torch.{canon}"))
 }
 
@@ -43,7 +46,10 @@ pub struct Device {
 impl Device {
     /// The CPU device with no index, what `BatchTensorDescriptor.from_tensor` records for CPU tensors.
     pub fn cpu() -> Device {
-        Device { device_type: "cpu".to_owned(), index: None }
+        Device {
+            device_type: "cpu".to_owned(),
+            index: None,
+        }
     }
 }
 
@@ -130,17 +136,25 @@ impl BatchTensorDescriptor {
 
     /// The full size, `None` for the batch dimension.
     pub fn size(&self) -> Vec<Option<u64>> {
-        std::iter::once(None).chain(self.instance_size.iter().copied().map(Some)).collect()
+        std::iter::once(None)
+            .chain(self.instance_size.iter().copied().map(Some))
+            .collect()
     }
 
     /// The dtype without its `torch.` prefix (`"float32"`), as `runtime.proto` tensors name it.
     pub fn dtype_name(&self) -> Option<&str> {
-        self.dtype.as_deref().map(|d| d.strip_prefix("torch.").unwrap_or(d))
+        self.dtype
+            .as_deref()
+            .map(|d| d.strip_prefix("torch.").unwrap_or(d))
     }
 
     /// The dict that `packb` serializes, keys in hivemind's order.
     pub fn to_value(&self) -> Value {
-        let size = Value::Tuple(std::iter::once(Value::Nil).chain(self.instance_size.iter().map(|&d| Value::from(d))).collect());
+        let size = Value::Tuple(
+            std::iter::once(Value::Nil)
+                .chain(self.instance_size.iter().map(|&d| Value::from(d)))
+                .collect(),
+        );
         let (device_type, device_index) = match &self.device {
             Some(d) => (Value::from(d.device_type.as_str()), Value::from(d.index)),
             None => (Value::Nil, Value::Nil),
@@ -189,7 +203,11 @@ impl BatchTensorDescriptor {
                 "layout" => layout = Some(v),
                 "device_type" => device_type = Some(v),
                 "device_index" => device_index = Some(v),
-                "requires_grad" => out.requires_grad = v.as_bool().ok_or(ShapeError("requires_grad is not a bool"))?,
+                // a `device` entry is a valid keyword that unpackb overwrites from device_type/index
+                "device" => {}
+                "requires_grad" => {
+                    out.requires_grad = v.as_bool().ok_or(ShapeError("requires_grad is not a bool"))?
+                }
                 "pin_memory" => out.pin_memory = v.as_bool().ok_or(ShapeError("pin_memory is not a bool"))?,
                 "compression" => {
                     out.compression = v
@@ -205,7 +223,10 @@ impl BatchTensorDescriptor {
         out.instance_size = dims
             .iter()
             .skip(1)
-            .map(|d| d.as_u64().ok_or(ShapeError("a size dimension is not a non-negative int")))
+            .map(|d| {
+                d.as_u64()
+                    .ok_or(ShapeError("a size dimension is not a non-negative int"))
+            })
             .collect::<Result<_, _>>()?;
         out.dtype = match dtype.ok_or(ShapeError("descriptor has no dtype"))? {
             Value::Nil => None,
@@ -224,16 +245,21 @@ impl BatchTensorDescriptor {
             Value::Str(t) => {
                 let index = match device_index {
                     Value::Nil => None,
-                    Value::Int(i) => {
-                        Some(i.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or(ShapeError("bad device_index"))?)
-                    }
+                    Value::Int(i) => Some(
+                        i.as_u64()
+                            .and_then(|i| u32::try_from(i).ok())
+                            .ok_or(ShapeError("bad device_index"))?,
+                    ),
                     _ => return Err(ShapeError("device_index is not an int")),
                 };
                 // torch.device(type, index) refuses "cuda:1" because an index (even None) is passed
                 if t.contains(':') {
                     return Err(ShapeError("device_type must not include an index"));
                 }
-                Some(Device { device_type: t.clone(), index })
+                Some(Device {
+                    device_type: t.clone(),
+                    index,
+                })
             }
             _ => return Err(ShapeError("device_type is not a str")),
         };
@@ -268,8 +294,10 @@ impl RpcInfo {
         kwargs_schema: impl IntoIterator<Item = (String, BatchTensorDescriptor)>,
         outputs_schema: impl Into<Value>,
     ) -> Self {
-        let kwargs_schema: Vec<(String, Value)> =
-            kwargs_schema.into_iter().map(|(k, d)| (k, Value::TensorDescriptor(d))).collect();
+        let kwargs_schema: Vec<(String, Value)> = kwargs_schema
+            .into_iter()
+            .map(|(k, d)| (k, Value::TensorDescriptor(d)))
+            .collect();
         RpcInfo {
             args_schema: args_schema.into_iter().map(Value::TensorDescriptor).collect(),
             keyword_names: kwargs_schema.iter().map(|(k, _)| k.clone()).collect(),
@@ -283,12 +311,20 @@ impl RpcInfo {
     pub fn to_value(&self) -> Value {
         let forward_schema = Value::Tuple(vec![
             Value::Tuple(self.args_schema.clone()),
-            Value::Map(self.kwargs_schema.iter().map(|(k, v)| (Value::from(k), v.clone())).collect()),
+            Value::Map(
+                self.kwargs_schema
+                    .iter()
+                    .map(|(k, v)| (Value::from(k), v.clone()))
+                    .collect(),
+            ),
         ]);
         let mut entries = vec![
             (Value::from("forward_schema"), forward_schema),
             (Value::from("outputs_schema"), self.outputs_schema.clone()),
-            (Value::from("keyword_names"), Value::Tuple(self.keyword_names.iter().map(Value::from).collect())),
+            (
+                Value::from("keyword_names"),
+                Value::Tuple(self.keyword_names.iter().map(Value::from).collect()),
+            ),
         ];
         entries.extend(self.extra.iter().cloned());
         Value::Map(entries)
@@ -314,16 +350,28 @@ impl RpcInfo {
                 _ => extra.push((k.clone(), v.clone())),
             }
         }
-        let forward = forward.and_then(Value::as_seq).ok_or(ShapeError("forward_schema is not (args, kwargs)"))?;
+        let forward = forward
+            .and_then(Value::as_seq)
+            .ok_or(ShapeError("forward_schema is not (args, kwargs)"))?;
         let [args, kwargs] = forward else {
             return Err(ShapeError("forward_schema is not (args, kwargs)"));
         };
-        let args_schema = args.as_seq().ok_or(ShapeError("args schema is not a tuple"))?.to_vec();
+        let args_schema = args
+            .as_seq()
+            .ok_or(ShapeError("args schema is not a tuple"))?
+            .to_vec();
         let kwargs_schema = kwargs
             .as_map()
             .ok_or(ShapeError("kwargs schema is not a dict"))?
             .iter()
-            .map(|(k, v)| Ok((k.as_str().ok_or(ShapeError("a kwargs name is not a str"))?.to_owned(), v.clone())))
+            .map(|(k, v)| {
+                Ok((
+                    k.as_str()
+                        .ok_or(ShapeError("a kwargs name is not a str"))?
+                        .to_owned(),
+                    v.clone(),
+                ))
+            })
             .collect::<Result<_, ShapeError>>()?;
         let outputs_schema = outputs.ok_or(ShapeError("no outputs_schema"))?.clone();
         let keyword_names = match keyword_names {
@@ -332,10 +380,20 @@ impl RpcInfo {
                 .as_seq()
                 .ok_or(ShapeError("keyword_names is not a tuple"))?
                 .iter()
-                .map(|n| n.as_str().map(str::to_owned).ok_or(ShapeError("a keyword name is not a str")))
+                .map(|n| {
+                    n.as_str()
+                        .map(str::to_owned)
+                        .ok_or(ShapeError("a keyword name is not a str"))
+                })
                 .collect::<Result<_, _>>()?,
         };
-        Ok(RpcInfo { args_schema, kwargs_schema, outputs_schema, keyword_names, extra })
+        Ok(RpcInfo {
+            args_schema,
+            kwargs_schema,
+            outputs_schema,
+            keyword_names,
+            extra,
+        })
     }
 }
 
@@ -349,7 +407,8 @@ impl RpcInfo {
 /// let output = BatchTensorDescriptor::new([4]).with_dtype("float32").with_device(Device::cpu()).with_requires_grad(true);
 /// let info = expert_info([BatchTensorDescriptor::new([4])], [], output);
 /// let bytes = msgpack::encode(&info);
-/// assert_eq!(&bytes[..18], b"\x83\xaeforward_schema\xc7\x74\x40");
+/// assert_eq!(&bytes[..19], b"\x83\xaeforward_schema\xc7\x74\x40");
+/// assert_eq!(bytes.len(), 293); // Appendix B of hivemind-wire.md
 /// ```
 pub fn expert_info(
     args_schema: impl IntoIterator<Item = BatchTensorDescriptor>,
@@ -374,7 +433,10 @@ mod tests {
         // MSGPackSerializer.dumps(BatchTensorDescriptor(3, dtype=torch.float)) in hivemind 1.1.12
         let expected = "c7785188a473697a65c7034092c003a56474797065ad746f7263682e666c6f61743332a66c61796f7574ad746f7263682e73747269646564ad72657175697265735f67726164c2aa70696e5f6d656d6f7279c2ab636f6d7072657373696f6e00ab6465766963655f74797065c0ac6465766963655f696e646578c0";
         let d = BatchTensorDescriptor::new([3]).with_dtype("float");
-        let got: String = encode(&Value::from(d.clone())).iter().map(|b| format!("{b:02x}")).collect();
+        let got: String = encode(&Value::from(d.clone()))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(got, expected);
         assert_eq!(BatchTensorDescriptor::from_payload(&d.to_payload()).unwrap(), d);
         assert_eq!(d.dtype_name(), Some("float32"));
@@ -401,7 +463,13 @@ mod tests {
         let d = BatchTensorDescriptor::from_value(&map).unwrap();
         assert_eq!(d.instance_size, vec![2, 3]);
         assert_eq!(d.dtype.as_deref(), Some("torch.float64"));
-        assert_eq!(d.device, Some(Device { device_type: "cuda".into(), index: Some(1) }));
+        assert_eq!(
+            d.device,
+            Some(Device {
+                device_type: "cuda".into(),
+                index: Some(1)
+            })
+        );
         // device_type None drops the index
         let d = BatchTensorDescriptor::from_value(&edited(|e| e[7].1 = Value::from(3))).unwrap();
         assert_eq!(d.device, None);
@@ -420,10 +488,16 @@ mod tests {
 
     #[test]
     fn rpc_info_round_trip() {
-        let out = BatchTensorDescriptor::new([4]).with_dtype("float32").with_device(Device::cpu()).with_requires_grad(true);
+        let out = BatchTensorDescriptor::new([4])
+            .with_dtype("float32")
+            .with_device(Device::cpu())
+            .with_requires_grad(true);
         let info = RpcInfo::new(
             [BatchTensorDescriptor::new([4])],
-            [("mask".to_owned(), BatchTensorDescriptor::new([4]).with_dtype("bool"))],
+            [(
+                "mask".to_owned(),
+                BatchTensorDescriptor::new([4]).with_dtype("bool"),
+            )],
             out,
         );
         let v = crate::msgpack::decode(&info.to_msgpack()).unwrap();

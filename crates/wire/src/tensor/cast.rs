@@ -10,6 +10,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::DType;
+use super::pool::Buffer;
 
 /// The largest finite float16, `torch.finfo(torch.float16).max`.
 pub(crate) const FP16_MAX: f32 = 65504.0;
@@ -64,7 +65,7 @@ pub(crate) fn bf16_bits_to_f32(b: u16) -> f32 {
 /// float32 → int64 as `cvttss2si` does it: truncation; NaN and out-of-range give `i64::MIN`.
 #[inline]
 pub(crate) fn f32_to_i64(x: f32) -> i64 {
-    if x >= -9_223_372_036_854_775_808.0 && x < 9_223_372_036_854_775_808.0 {
+    if (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&x) {
         x as i64
     } else {
         i64::MIN
@@ -74,7 +75,7 @@ pub(crate) fn f32_to_i64(x: f32) -> i64 {
 /// float32 → int32 as `cvttss2si` does it; narrower integer types take the low bits of this.
 #[inline]
 pub(crate) fn f32_to_i32(x: f32) -> i32 {
-    if x >= -2_147_483_648.0 && x < 2_147_483_648.0 {
+    if (-2_147_483_648.0..2_147_483_648.0).contains(&x) {
         x as i32
     } else {
         i32::MIN
@@ -123,26 +124,33 @@ pub(crate) fn to_f32(dtype: DType, data: &[u8]) -> Vec<f32> {
     }
 }
 
-/// float32 values → `dtype`'s little-endian data, as torch's `.to(dtype)` on x86. Consumes the vector so
+/// float32 values → `dtype`'s little-endian data, as torch's `.to(dtype)` on x86. Consumes the buffer so
 /// that float32 output is not copied.
-pub(crate) fn from_f32(dtype: DType, v: Vec<f32>) -> Bytes {
-    match dtype {
-        DType::Float32 => bytes_from_vec(v),
-        DType::Float16 => {
-            let mut out = vec![0u16; v.len()];
-            let d: &mut [f16] = bytemuck::cast_slice_mut(&mut out);
-            d.convert_from_f32_slice(&v);
-            bytes_from_vec(out)
-        }
-        DType::BFloat16 => bytes_from_vec(v.iter().map(|&x| f32_to_bf16_bits(x)).collect::<Vec<u16>>()),
-        DType::Float64 => bytes_from_vec(v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>()),
-        DType::Int64 => bytes_from_vec(v.iter().map(|&x| f32_to_i64(x)).collect::<Vec<i64>>()),
-        DType::Int32 => bytes_from_vec(v.iter().map(|&x| f32_to_i32(x)).collect::<Vec<i32>>()),
-        DType::Int16 => bytes_from_vec(v.iter().map(|&x| f32_to_i32(x) as i16).collect::<Vec<i16>>()),
-        DType::Int8 => Bytes::from(v.iter().map(|&x| f32_to_i32(x) as u8).collect::<Vec<u8>>()),
-        DType::UInt8 => Bytes::from(v.iter().map(|&x| f32_to_i32(x) as u8).collect::<Vec<u8>>()),
-        DType::Bool => Bytes::from(v.iter().map(|&x| u8::from(x != 0.0)).collect::<Vec<u8>>()),
+pub(crate) fn from_f32(dtype: DType, mut v: Buffer) -> Bytes {
+    if dtype == DType::Float32 {
+        return v.into_bytes();
     }
+    let x: &[f32] = v.as_mut::<f32>();
+    let mut out = Buffer::new(x.len() * dtype.size());
+    fn fill<T: Pod>(out: &mut Buffer, x: &[f32], f: impl Fn(f32) -> T) {
+        for (o, &v) in out.as_mut::<T>().iter_mut().zip(x) {
+            *o = f(v);
+        }
+    }
+    match dtype {
+        DType::Float32 | DType::Float16 => {
+            let d: &mut [f16] = out.as_mut();
+            d.convert_from_f32_slice(x);
+        }
+        DType::BFloat16 => fill(&mut out, x, f32_to_bf16_bits),
+        DType::Float64 => fill(&mut out, x, f64::from),
+        DType::Int64 => fill(&mut out, x, f32_to_i64),
+        DType::Int32 => fill(&mut out, x, f32_to_i32),
+        DType::Int16 => fill(&mut out, x, |v| f32_to_i32(v) as i16),
+        DType::Int8 | DType::UInt8 => fill(&mut out, x, |v| f32_to_i32(v) as u8),
+        DType::Bool => fill(&mut out, x, |v| u8::from(v != 0.0)),
+    }
+    out.into_bytes()
 }
 
 /// One float32 value → `dtype`'s little-endian bytes (for 256-entry codebooks), same rules as [`from_f32`].

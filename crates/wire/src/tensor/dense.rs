@@ -6,6 +6,7 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::cast::{self, view};
+use super::pool::Buffer;
 use super::{DType, Element, TensorError};
 
 /// A dense, C-ordered tensor as it crosses the wire: shape, [`DType`], little-endian element data and
@@ -51,15 +52,29 @@ pub(crate) fn numel_of(shape: &[usize]) -> Option<usize> {
 
 impl Tensor {
     /// A tensor over existing little-endian data; `data.len()` must be `numel × dtype.size()`.
-    pub fn from_bytes(shape: impl Into<Vec<usize>>, dtype: DType, data: Bytes) -> Result<Tensor, TensorError> {
+    pub fn from_bytes(
+        shape: impl Into<Vec<usize>>,
+        dtype: DType,
+        data: Bytes,
+    ) -> Result<Tensor, TensorError> {
         let shape = shape.into();
         let expected = numel_of(&shape)
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| TensorError::ShapeOverflow { shape: shape.clone() })?;
         if data.len() != expected {
-            return Err(TensorError::LengthMismatch { dtype, shape, expected, actual: data.len() });
+            return Err(TensorError::LengthMismatch {
+                dtype,
+                shape,
+                expected,
+                actual: data.len(),
+            });
         }
-        Ok(Tensor { shape, dtype, data, requires_grad: false })
+        Ok(Tensor {
+            shape,
+            dtype,
+            data,
+            requires_grad: false,
+        })
     }
 
     /// A tensor that takes ownership of `values` without copying them.
@@ -69,7 +84,11 @@ impl Tensor {
 
     /// A tensor holding a copy of `values`.
     pub fn from_slice<T: Element>(shape: impl Into<Vec<usize>>, values: &[T]) -> Result<Tensor, TensorError> {
-        Tensor::from_bytes(shape, T::DTYPE, Bytes::copy_from_slice(bytemuck::cast_slice(values)))
+        Tensor::from_bytes(
+            shape,
+            T::DTYPE,
+            Buffer::copy_of(bytemuck::cast_slice(values)).into_bytes(),
+        )
     }
 
     /// A `bool` tensor (one byte per element, 0 or 1).
@@ -100,7 +119,12 @@ impl Tensor {
     /// For decoders that have already checked the length.
     pub(crate) fn from_parts(shape: Vec<usize>, dtype: DType, data: Bytes, requires_grad: bool) -> Tensor {
         debug_assert_eq!(numel_of(&shape).map(|n| n * dtype.size()), Some(data.len()));
-        Tensor { shape, dtype, data, requires_grad }
+        Tensor {
+            shape,
+            dtype,
+            data,
+            requires_grad,
+        }
     }
 
     /// The same tensor with `requires_grad` set (hivemind restores it on the receiver).
@@ -192,7 +216,10 @@ impl Tensor {
         if self.dtype == requested {
             Ok(())
         } else {
-            Err(TensorError::DTypeMismatch { requested, actual: self.dtype })
+            Err(TensorError::DTypeMismatch {
+                requested,
+                actual: self.dtype,
+            })
         }
     }
 }
@@ -208,7 +235,11 @@ mod tests {
         assert!(Tensor::from_vec([2, 2], vec![1.0f32; 4]).is_ok());
         assert!(matches!(
             Tensor::from_vec([2, 3], vec![1.0f32; 4]),
-            Err(TensorError::LengthMismatch { expected: 24, actual: 16, .. })
+            Err(TensorError::LengthMismatch {
+                expected: 24,
+                actual: 16,
+                ..
+            })
         ));
         assert!(matches!(
             Tensor::zeros([usize::MAX, 2], DType::Float32),
@@ -223,11 +254,16 @@ mod tests {
     fn typed_access() {
         let t = Tensor::from_slice([3], &[bf16::from_f32(1.0), bf16::ONE, bf16::ZERO]).unwrap();
         assert_eq!(t.to_f32_vec(), vec![1.0, 1.0, 0.0]);
-        assert!(matches!(t.as_slice::<f32>(), Err(TensorError::DTypeMismatch { .. })));
+        assert!(matches!(
+            t.as_slice::<f32>(),
+            Err(TensorError::DTypeMismatch { .. })
+        ));
         let b = Tensor::from_bools([2], &[true, false]).unwrap();
         assert_eq!(b.to_bools().unwrap(), vec![true, false]);
         assert_eq!(b.to_f64_vec(), vec![1.0, 0.0]);
-        let r = Tensor::from_vec([4], vec![1i32, 2, 3, 4]).unwrap().with_requires_grad(true);
+        let r = Tensor::from_vec([4], vec![1i32, 2, 3, 4])
+            .unwrap()
+            .with_requires_grad(true);
         let r = r.reshape([2, 2]).unwrap();
         assert!(r.requires_grad());
         assert_eq!(r.to_vec::<i32>().unwrap(), vec![1, 2, 3, 4]);

@@ -82,7 +82,10 @@ impl DType {
 
     /// `torch.is_floating_point`: `float16`, `bfloat16`, `float32`, `float64`.
     pub const fn is_floating_point(self) -> bool {
-        matches!(self, DType::Float32 | DType::Float16 | DType::BFloat16 | DType::Float64)
+        matches!(
+            self,
+            DType::Float32 | DType::Float16 | DType::BFloat16 | DType::Float64
+        )
     }
 }
 

@@ -28,16 +28,20 @@
 //! |---|---|---|---|
 //! | NONE | all | raw data; bfloat16 as float32 (legacy, default) | byte-identical |
 //! | FLOAT16 | float16/32/64 | float16 of the values clamped to ±65504 | byte-identical |
-//! | MEANSTD_16BIT | float16/32/64, not 0-d | float16 of `(x − mean)/std` per last-axis row ‖ float32 means ‖ float32 stds | within 1 float16 step (stats equal to ~1 ulp) |
-//! | UNIFORM_8BIT | float16/32, bfloat16; not empty | int64 256 ‖ float32 bucket means ‖ uint8 indices over ±3σ | within one bucket on rare elements |
+//! | MEANSTD_16BIT | float16/32/64, not 0-d | float16 of `(x − mean)/std` per last-axis row ‖ float32 means ‖ float32 stds | same layout; a few codes one float16 step apart |
+//! | UNIFORM_8BIT | floats (float64 not 0-d); not empty | int64 256 ‖ float32 bucket means ‖ uint8 indices over ±3σ | same layout; rare indices one bucket apart |
 //! | QUANTILE_8BIT | floats; not empty | as UNIFORM_8BIT, borders at quantiles of chunk quantiles | byte-identical |
 //! | BLOCKWISE_8BIT | all (via float32) | int64 blocks ‖ int64 256 ‖ float32 absmax ‖ float32 code ‖ uint8 indices | byte-identical (bitsandbytes 0.50 CPU kernel) |
 //!
 //! Decoding reproduces hivemind's values bit for bit for every codec, including its float16/float64
 //! intermediate roundings and bfloat16 rounding. MEANSTD_16BIT and UNIFORM_8BIT are the two codecs whose
-//! encoders reduce a whole row or tensor to a float32 mean and norm: torch sums in a CPU-dependent
-//! vectorised order, so hivemind itself is not reproducible across machines there; Apiary sums in
-//! float64 and rounds once.
+//! encoders reduce a row or the whole tensor to a float32 mean and norm. torch's norm accumulates in one
+//! float32 SIMD register whose width depends on the CPU, so hivemind is not reproducible across
+//! machines there and drifts by ~1e-5 relative over 10^6 elements; Apiary sums in float64 and rounds
+//! once, and its codes differ from hivemind's only where that drift crosses a rounding boundary.
+//!
+//! Large output buffers are recycled (see [`set_buffer_pool_limit`]): on virtual machines, faulting in
+//! fresh pages costs more than the codecs themselves.
 //!
 //! # Safety against bad input
 //!
@@ -46,7 +50,9 @@
 //! before anything is allocated.
 
 #[cfg(target_endian = "big")]
-compile_error!("apiary-wire's tensor code reinterprets little-endian wire data in place; big-endian targets are not supported");
+compile_error!(
+    "apiary-wire's tensor code reinterprets little-endian wire data in place; big-endian targets are not supported"
+);
 
 mod cast;
 mod codec;
@@ -54,14 +60,17 @@ mod dense;
 mod dtype;
 mod error;
 mod par;
+mod pool;
 mod stream;
 
 pub use codec::{BLOCKWISE_BLOCK_SIZE, SerializeOptions, deserialize, serialize, serialize_with};
 pub use dense::Tensor;
 pub use dtype::{DType, Element, UnknownDType};
 pub use error::{DeserializeError, SerializeError, StreamError, TensorError};
+pub use pool::{buffer_pool_limit, set_buffer_pool_limit};
 pub use stream::{
-    DEFAULT_MAX_MSG_SIZE, STREAMING_CHUNK_SIZE_BYTES, StreamCombiner, combine_from_streaming, split_for_streaming,
+    DEFAULT_MAX_MSG_SIZE, STREAMING_CHUNK_SIZE_BYTES, StreamCombiner, combine_from_streaming,
+    split_for_streaming,
 };
 
 /// Caps on what [`deserialize`], [`combine_from_streaming`] and [`StreamCombiner`] accept from a peer,
@@ -90,7 +99,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_dims: 32, max_elements: 1 << 28, max_bytes: 1 << 30, max_threads: par::default_threads() }
+        Limits {
+            max_dims: 32,
+            max_elements: 1 << 28,
+            max_bytes: 1 << 30,
+            max_threads: par::default_threads(),
+        }
     }
 }
 

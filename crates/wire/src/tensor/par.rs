@@ -89,7 +89,9 @@ mod tests {
     fn results_do_not_depend_on_threads() {
         let data: Vec<f32> = (0..100_003).map(|i| (i as f32 * 0.37).sin()).collect();
         let sums = |threads| {
-            map_ranges(data.len(), 4096, threads, |r| data[r].iter().map(|&x| f64::from(x)).sum::<f64>())
+            map_ranges(data.len(), 4096, threads, |r| {
+                data[r].iter().map(|&x| f64::from(x)).sum::<f64>()
+            })
         };
         let one = sums(1);
         assert_eq!(one.len(), 100_003usize.div_ceil(4096));

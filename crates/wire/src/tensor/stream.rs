@@ -25,7 +25,10 @@ pub const DEFAULT_MAX_MSG_SIZE: usize = 4 << 20;
 ///
 /// The parts share `tensor.buffer` (no copy). An empty buffer still gives one part (with `chunks = 0`).
 /// Fails only when the part count does not fit the `int32` `chunks` field.
-pub fn split_for_streaming(tensor: &WireTensor, chunk_size: NonZeroUsize) -> Result<Vec<WireTensor>, StreamError> {
+pub fn split_for_streaming(
+    tensor: &WireTensor,
+    chunk_size: NonZeroUsize,
+) -> Result<Vec<WireTensor>, StreamError> {
     let chunk = chunk_size.get();
     let buf = &tensor.buffer;
     let n = buf.len().div_ceil(chunk);
@@ -42,7 +45,10 @@ pub fn split_for_streaming(tensor: &WireTensor, chunk_size: NonZeroUsize) -> Res
     let mut start = chunk;
     while start < buf.len() {
         let end = start.saturating_add(chunk).min(buf.len());
-        parts.push(WireTensor { buffer: buf.slice(start..end), ..WireTensor::default() });
+        parts.push(WireTensor {
+            buffer: buf.slice(start..end),
+            ..WireTensor::default()
+        });
         start = end;
     }
     Ok(parts)
@@ -66,7 +72,10 @@ pub fn combine_from_streaming(
         if let Some(t) = done.take() {
             // Anything after a complete tensor is one part too many.
             let t: WireTensor = t;
-            return Err(StreamError::ChunkCountMismatch { declared: t.chunks, received: count });
+            return Err(StreamError::ChunkCountMismatch {
+                declared: t.chunks,
+                received: count,
+            });
         }
         done = combiner.push(part)?;
     }
@@ -119,7 +128,10 @@ pub struct StreamCombiner {
 impl StreamCombiner {
     /// A combiner that refuses tensors larger than `limits.max_bytes`.
     pub fn new(limits: Limits) -> StreamCombiner {
-        StreamCombiner { limits, pending: None }
+        StreamCombiner {
+            limits,
+            pending: None,
+        }
     }
 
     /// Whether no tensor is half-received.
@@ -143,7 +155,12 @@ impl StreamCombiner {
                 return Err(StreamError::TooLarge { max });
             }
             let first = std::mem::take(&mut part.buffer);
-            self.pending = Some(Pending { bytes: first.len(), pieces: vec![first], head: part, expected });
+            self.pending = Some(Pending {
+                bytes: first.len(),
+                pieces: vec![first],
+                head: part,
+                expected,
+            });
         } else {
             let Some(p) = self.pending.as_mut() else {
                 return Err(StreamError::UnexpectedContinuation);
@@ -165,12 +182,19 @@ impl StreamCombiner {
 
     /// Ends the stream: an error if a tensor is still missing parts.
     pub fn finish(self) -> Result<(), StreamError> {
-        if self.pending.is_some() { Err(self.incomplete_error()) } else { Ok(()) }
+        if self.pending.is_some() {
+            Err(self.incomplete_error())
+        } else {
+            Ok(())
+        }
     }
 
     fn incomplete_error(&self) -> StreamError {
         match &self.pending {
-            Some(p) => StreamError::ChunkCountMismatch { declared: p.head.chunks, received: p.pieces.len() },
+            Some(p) => StreamError::ChunkCountMismatch {
+                declared: p.head.chunks,
+                received: p.pieces.len(),
+            },
             None => StreamError::Empty,
         }
     }
@@ -215,7 +239,13 @@ mod tests {
         assert_eq!(parts.len(), 3);
         assert_eq!(parts[0].chunks, 3);
         assert_eq!(parts[0].dtype, "uint8");
-        assert_eq!(parts[1], WireTensor { buffer: Bytes::from_static(&[4, 5, 6, 7]), ..Default::default() });
+        assert_eq!(
+            parts[1],
+            WireTensor {
+                buffer: Bytes::from_static(&[4, 5, 6, 7]),
+                ..Default::default()
+            }
+        );
         assert_eq!(parts[2].buffer.len(), 2);
 
         let empty = split_for_streaming(&wire(0), nz(4)).unwrap();
@@ -245,26 +275,50 @@ mod tests {
     fn combine_rejects_bad_streams() {
         let limits = Limits::default();
         let parts = split_for_streaming(&wire(10), nz(4)).unwrap();
-        assert_eq!(combine_from_streaming(Vec::new(), &limits), Err(StreamError::Empty));
+        assert_eq!(
+            combine_from_streaming(Vec::new(), &limits),
+            Err(StreamError::Empty)
+        );
         assert!(matches!(
             combine_from_streaming(parts[..2].to_vec(), &limits),
-            Err(StreamError::ChunkCountMismatch { declared: 3, received: 2 })
+            Err(StreamError::ChunkCountMismatch {
+                declared: 3,
+                received: 2
+            })
         ));
         let mut extra = parts.clone();
         extra.push(parts[1].clone());
-        assert!(matches!(combine_from_streaming(extra, &limits), Err(StreamError::ChunkCountMismatch { .. })));
-        assert_eq!(combine_from_streaming(parts[1..].to_vec(), &limits), Err(StreamError::UnexpectedContinuation));
+        assert!(matches!(
+            combine_from_streaming(extra, &limits),
+            Err(StreamError::ChunkCountMismatch { .. })
+        ));
+        assert_eq!(
+            combine_from_streaming(parts[1..].to_vec(), &limits),
+            Err(StreamError::UnexpectedContinuation)
+        );
         let mut neg = parts[0].clone();
         neg.chunks = -1;
-        assert_eq!(combine_from_streaming([neg], &limits), Err(StreamError::NegativeChunks(-1)));
+        assert_eq!(
+            combine_from_streaming([neg], &limits),
+            Err(StreamError::NegativeChunks(-1))
+        );
         let mut with_empty = parts.clone();
         with_empty[1].buffer = Bytes::new();
-        assert_eq!(combine_from_streaming(with_empty, &limits), Err(StreamError::EmptyChunk));
+        assert_eq!(
+            combine_from_streaming(with_empty, &limits),
+            Err(StreamError::EmptyChunk)
+        );
         let small = Limits::default().with_max_bytes(8);
-        assert_eq!(combine_from_streaming(parts, &small), Err(StreamError::TooLarge { max: 8 }));
+        assert_eq!(
+            combine_from_streaming(parts, &small),
+            Err(StreamError::TooLarge { max: 8 })
+        );
         let mut huge = wire(1);
         huge.chunks = i32::MAX;
-        assert_eq!(combine_from_streaming([huge], &small), Err(StreamError::TooLarge { max: 8 }));
+        assert_eq!(
+            combine_from_streaming([huge], &small),
+            Err(StreamError::TooLarge { max: 8 })
+        );
     }
 
     #[test]
@@ -288,7 +342,13 @@ mod tests {
         let mut c = StreamCombiner::new(Limits::default());
         let parts = split_for_streaming(&wire(9), nz(2)).unwrap();
         assert_eq!(c.push(parts[0].clone()), Ok(None));
-        assert!(matches!(c.push(wire(3)), Err(StreamError::ChunkCountMismatch { declared: 5, received: 1 })));
+        assert!(matches!(
+            c.push(wire(3)),
+            Err(StreamError::ChunkCountMismatch {
+                declared: 5,
+                received: 1
+            })
+        ));
         assert!(matches!(c.finish(), Err(StreamError::ChunkCountMismatch { .. })));
     }
 }

@@ -61,7 +61,9 @@ fn round_trip(t: &Tensor, codec: CompressionType) -> Tensor {
 fn every_codec_round_trips_float32_within_its_error() {
     let mut rng = Rng(1);
     let x = randn(&mut rng, 3 * 5 * 11 * 40);
-    let t = Tensor::from_vec([3 * 5, 11 * 40], x.clone()).unwrap().with_requires_grad(true);
+    let t = Tensor::from_vec([3 * 5, 11 * 40], x.clone())
+        .unwrap()
+        .with_requires_grad(true);
     for codec in CODECS {
         let y = round_trip(&t, codec).to_vec::<f32>().unwrap();
         let max_err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -82,8 +84,12 @@ fn none_is_zero_copy_and_exact_for_every_dtype() {
     for dtype in DType::ALL {
         let n = 48 / dtype.size();
         let t = Tensor::from_bytes([n], dtype, data.clone()).unwrap();
-        let wire = serialize_with(&t, CompressionType::None, &SerializeOptions::default().with_legacy_bfloat16(false))
-            .unwrap();
+        let wire = serialize_with(
+            &t,
+            CompressionType::None,
+            &SerializeOptions::default().with_legacy_bfloat16(false),
+        )
+        .unwrap();
         assert_eq!(wire.dtype, dtype.name());
         let back = deserialize(&wire, &Limits::default()).unwrap();
         assert_eq!(back.bytes(), &data);
@@ -101,7 +107,12 @@ fn bfloat16_legacy_and_raw() {
     assert_eq!(legacy.buffer.len(), 20);
     assert_eq!(legacy.dtype, "bfloat16");
     assert_eq!(&legacy.buffer[..4], &1.0f32.to_le_bytes());
-    let raw = serialize_with(&t, CompressionType::None, &SerializeOptions::default().with_legacy_bfloat16(false)).unwrap();
+    let raw = serialize_with(
+        &t,
+        CompressionType::None,
+        &SerializeOptions::default().with_legacy_bfloat16(false),
+    )
+    .unwrap();
     assert_eq!(raw.buffer.len(), 10);
     for w in [legacy, raw] {
         assert_eq!(deserialize(&w, &Limits::default()).unwrap(), t);
@@ -113,8 +124,14 @@ fn float16_clamps_and_keeps_dtype() {
     let t = Tensor::from_vec([4], vec![1e6f64, -1e6, 0.1, f64::INFINITY]).unwrap();
     let wire = serialize(&t, CompressionType::Float16).unwrap();
     assert_eq!(wire.dtype, "float64");
-    let back = deserialize(&wire, &Limits::default()).unwrap().to_vec::<f64>().unwrap();
-    assert_eq!(back, vec![65504.0, -65504.0, f64::from(f16::from_f32(0.1).to_f32()), 65504.0]);
+    let back = deserialize(&wire, &Limits::default())
+        .unwrap()
+        .to_vec::<f64>()
+        .unwrap();
+    assert_eq!(
+        back,
+        vec![65504.0, -65504.0, f64::from(f16::from_f32(0.1).to_f32()), 65504.0]
+    );
 }
 
 #[test]
@@ -123,15 +140,31 @@ fn codecs_refuse_what_hivemind_refuses() {
     let bools = Tensor::from_bools([2], &[true, false]).unwrap();
     let bf = Tensor::from_vec([2], vec![bf16::ONE, bf16::ZERO]).unwrap();
     let f64s = Tensor::from_vec([2], vec![1.0f64, 2.0]).unwrap();
-    for codec in [CompressionType::Float16, CompressionType::Meanstd16bit, CompressionType::Uniform8bit, CompressionType::Quantile8bit] {
+    for codec in [
+        CompressionType::Float16,
+        CompressionType::Meanstd16bit,
+        CompressionType::Uniform8bit,
+        CompressionType::Quantile8bit,
+    ] {
         for t in [&ints, &bools] {
-            assert!(matches!(serialize(t, codec), Err(SerializeError::UnsupportedDType { .. })), "{codec:?}");
+            assert!(
+                matches!(serialize(t, codec), Err(SerializeError::UnsupportedDType { .. })),
+                "{codec:?}"
+            );
         }
     }
     for codec in [CompressionType::Float16, CompressionType::Meanstd16bit] {
-        assert!(matches!(serialize(&bf, codec), Err(SerializeError::UnsupportedDType { .. })));
+        assert!(matches!(
+            serialize(&bf, codec),
+            Err(SerializeError::UnsupportedDType { .. })
+        ));
     }
-    assert!(matches!(serialize(&f64s, CompressionType::Uniform8bit), Err(SerializeError::UnsupportedDType { .. })));
+    // UNIFORM takes float64 except 0-d (where torch keeps `tensor - shift` in float64)
+    assert!(serialize(&f64s, CompressionType::Uniform8bit).is_ok());
+    assert!(matches!(
+        serialize(&Tensor::scalar(1.0f64), CompressionType::Uniform8bit),
+        Err(SerializeError::UnsupportedDType { .. })
+    ));
     assert!(serialize(&f64s, CompressionType::Quantile8bit).is_ok());
     assert!(matches!(
         serialize(&Tensor::scalar(1.0f32), CompressionType::Meanstd16bit),
@@ -139,10 +172,18 @@ fn codecs_refuse_what_hivemind_refuses() {
     ));
     let empty = Tensor::from_vec([0], Vec::<f32>::new()).unwrap();
     for codec in [CompressionType::Uniform8bit, CompressionType::Quantile8bit] {
-        assert!(matches!(serialize(&empty, codec), Err(SerializeError::EmptyNotSupported { .. })));
+        assert!(matches!(
+            serialize(&empty, codec),
+            Err(SerializeError::EmptyNotSupported { .. })
+        ));
     }
     // everything else takes the edge cases
-    for codec in [CompressionType::None, CompressionType::Float16, CompressionType::Meanstd16bit, CompressionType::Blockwise8bit] {
+    for codec in [
+        CompressionType::None,
+        CompressionType::Float16,
+        CompressionType::Meanstd16bit,
+        CompressionType::Blockwise8bit,
+    ] {
         assert_eq!(round_trip(&empty, codec).numel(), 0);
     }
     // BLOCKWISE takes every dtype through float32; integers come back truncated toward zero, as
@@ -153,13 +194,21 @@ fn codecs_refuse_what_hivemind_refuses() {
             assert!((a - b).abs() <= 1.0, "{:?}: {back:?}", t.dtype());
         }
     }
-    assert_eq!(round_trip(&ints, CompressionType::Blockwise8bit).to_vec::<i64>().unwrap(), vec![0, 2, 3]);
+    assert_eq!(
+        round_trip(&ints, CompressionType::Blockwise8bit)
+            .to_vec::<i64>()
+            .unwrap(),
+        vec![0, 2, 3]
+    );
 }
 
 #[test]
 fn serialize_refuses_dimensions_beyond_u32() {
     let t = Tensor::from_vec([1usize << 33, 0], Vec::<u8>::new()).unwrap();
-    assert!(matches!(serialize(&t, CompressionType::None), Err(SerializeError::DimensionTooLarge { .. })));
+    assert!(matches!(
+        serialize(&t, CompressionType::None),
+        Err(SerializeError::DimensionTooLarge { .. })
+    ));
 }
 
 #[test]
@@ -178,50 +227,166 @@ fn output_does_not_depend_on_threads() {
 }
 
 fn wire(codec: CompressionType, dtype: &str, size: Vec<u32>, buffer: Vec<u8>) -> WireTensor {
-    WireTensor { buffer: Bytes::from(buffer), size, requires_grad: false, dtype: dtype.into(), compression: codec as i32, chunks: 0 }
+    WireTensor {
+        buffer: Bytes::from(buffer),
+        size,
+        requires_grad: false,
+        dtype: dtype.into(),
+        compression: codec as i32,
+        chunks: 0,
+    }
 }
 
 #[test]
 fn malformed_buffers_are_typed_errors() {
     let l = Limits::default();
     let err = |w: &WireTensor| deserialize(w, &l).unwrap_err();
-    assert_eq!(err(&WireTensor { compression: 9, ..wire(CompressionType::None, "float32", vec![], vec![0; 4]) }), DeserializeError::UnknownCompression(9));
-    assert!(matches!(err(&wire(CompressionType::None, "complex64", vec![1], vec![0; 8])), DeserializeError::UnknownDType(_)));
-    assert!(matches!(err(&wire(CompressionType::None, "float32", vec![2], vec![0; 7])), DeserializeError::BufferLength { expected: 8, actual: 7, .. }));
-    assert!(matches!(err(&wire(CompressionType::None, "bfloat16", vec![2], vec![0; 9])), DeserializeError::BufferLength { expected: 8, .. }));
-    assert!(matches!(err(&wire(CompressionType::Float16, "bfloat16", vec![1], vec![0; 2])), DeserializeError::UnsupportedDType { .. }));
-    assert!(matches!(err(&wire(CompressionType::Meanstd16bit, "float32", vec![], vec![0; 10])), DeserializeError::ScalarNotSupported { .. }));
-    assert!(matches!(err(&wire(CompressionType::Meanstd16bit, "int64", vec![1], vec![0; 10])), DeserializeError::UnsupportedDType { .. }));
-    assert!(matches!(err(&wire(CompressionType::Meanstd16bit, "float32", vec![2, 3], vec![0; 27])), DeserializeError::BufferLength { expected: 28, .. }));
-    assert!(matches!(err(&wire(CompressionType::Uniform8bit, "float32", vec![1], vec![0; 5])), DeserializeError::Truncated { .. }));
+    assert_eq!(
+        err(&WireTensor {
+            compression: 9,
+            ..wire(CompressionType::None, "float32", vec![], vec![0; 4])
+        }),
+        DeserializeError::UnknownCompression(9)
+    );
+    assert!(matches!(
+        err(&wire(CompressionType::None, "complex64", vec![1], vec![0; 8])),
+        DeserializeError::UnknownDType(_)
+    ));
+    assert!(matches!(
+        err(&wire(CompressionType::None, "float32", vec![2], vec![0; 7])),
+        DeserializeError::BufferLength {
+            expected: 8,
+            actual: 7,
+            ..
+        }
+    ));
+    assert!(matches!(
+        err(&wire(CompressionType::None, "bfloat16", vec![2], vec![0; 9])),
+        DeserializeError::BufferLength { expected: 8, .. }
+    ));
+    assert!(matches!(
+        err(&wire(CompressionType::Float16, "bfloat16", vec![1], vec![0; 2])),
+        DeserializeError::UnsupportedDType { .. }
+    ));
+    assert!(matches!(
+        err(&wire(
+            CompressionType::Meanstd16bit,
+            "float32",
+            vec![],
+            vec![0; 10]
+        )),
+        DeserializeError::ScalarNotSupported { .. }
+    ));
+    assert!(matches!(
+        err(&wire(
+            CompressionType::Meanstd16bit,
+            "int64",
+            vec![1],
+            vec![0; 10]
+        )),
+        DeserializeError::UnsupportedDType { .. }
+    ));
+    assert!(matches!(
+        err(&wire(
+            CompressionType::Meanstd16bit,
+            "float32",
+            vec![2, 3],
+            vec![0; 27]
+        )),
+        DeserializeError::BufferLength { expected: 28, .. }
+    ));
+    assert!(matches!(
+        err(&wire(
+            CompressionType::Uniform8bit,
+            "float32",
+            vec![1],
+            vec![0; 5]
+        )),
+        DeserializeError::Truncated { .. }
+    ));
     let mut neg = (-1i64).to_le_bytes().to_vec();
     neg.push(0);
-    assert!(matches!(err(&wire(CompressionType::Quantile8bit, "float32", vec![1], neg)), DeserializeError::InvalidCount { size: -1, .. }));
+    assert!(matches!(
+        err(&wire(CompressionType::Quantile8bit, "float32", vec![1], neg)),
+        DeserializeError::InvalidCount { size: -1, .. }
+    ));
     let mut big = i64::MAX.to_le_bytes().to_vec();
     big.push(0);
-    assert!(matches!(err(&wire(CompressionType::Quantile8bit, "float32", vec![1], big)), DeserializeError::Truncated { .. }));
+    assert!(matches!(
+        err(&wire(CompressionType::Quantile8bit, "float32", vec![1], big)),
+        DeserializeError::Truncated { .. }
+    ));
     let mut small_book = 2i64.to_le_bytes().to_vec();
     small_book.extend_from_slice(&[0; 8]);
     small_book.extend_from_slice(&[1, 2]);
     assert!(matches!(
-        err(&wire(CompressionType::Quantile8bit, "float32", vec![2], small_book.clone())),
-        DeserializeError::IndexOutOfCodebook { index: 2, codebook_len: 2, .. }
+        err(&wire(
+            CompressionType::Quantile8bit,
+            "float32",
+            vec![2],
+            small_book.clone()
+        )),
+        DeserializeError::IndexOutOfCodebook {
+            index: 2,
+            codebook_len: 2,
+            ..
+        }
     ));
     small_book.truncate(small_book.len() - 1);
-    assert!(matches!(err(&wire(CompressionType::Quantile8bit, "float32", vec![2], small_book)), DeserializeError::BufferLength { .. }));
+    assert!(matches!(
+        err(&wire(
+            CompressionType::Quantile8bit,
+            "float32",
+            vec![2],
+            small_book
+        )),
+        DeserializeError::BufferLength { .. }
+    ));
     // BLOCKWISE: 2 blocks of elements but one scale
     let mut bw = 1i64.to_le_bytes().to_vec();
     bw.extend_from_slice(&256i64.to_le_bytes());
     bw.extend_from_slice(&[0; 4 + 1024]);
     bw.extend_from_slice(&vec![0; 4097]);
-    assert!(matches!(err(&wire(CompressionType::Blockwise8bit, "float32", vec![4097], bw)), DeserializeError::TooFewScales { needed: 2, actual: 1 }));
+    assert!(matches!(
+        err(&wire(CompressionType::Blockwise8bit, "float32", vec![4097], bw)),
+        DeserializeError::TooFewScales { needed: 2, actual: 1 }
+    ));
     // limits
-    assert!(matches!(err(&wire(CompressionType::None, "uint8", vec![1; 33], vec![0])), DeserializeError::TooManyDims { dims: 33, .. }));
-    assert!(matches!(err(&wire(CompressionType::None, "uint8", vec![u32::MAX; 3], vec![])), DeserializeError::ShapeOverflow { .. }));
-    assert!(matches!(err(&wire(CompressionType::None, "uint8", vec![1 << 20, 1 << 10], vec![])), DeserializeError::TooManyElements { .. }));
+    assert!(matches!(
+        err(&wire(CompressionType::None, "uint8", vec![1; 33], vec![0])),
+        DeserializeError::TooManyDims { dims: 33, .. }
+    ));
+    assert!(matches!(
+        err(&wire(CompressionType::None, "uint8", vec![u32::MAX; 3], vec![])),
+        DeserializeError::ShapeOverflow { .. }
+    ));
+    assert!(matches!(
+        err(&wire(
+            CompressionType::None,
+            "uint8",
+            vec![1 << 20, 1 << 10],
+            vec![]
+        )),
+        DeserializeError::TooManyElements { .. }
+    ));
     let tight = Limits::default().with_max_bytes(16);
-    assert!(matches!(deserialize(&wire(CompressionType::None, "float64", vec![3], vec![0; 24]), &tight), Err(DeserializeError::TooLarge { .. })));
-    assert!(matches!(deserialize(&wire(CompressionType::Blockwise8bit, "float64", vec![3], vec![0; 8]), &tight), Err(DeserializeError::TooLarge { what: "decoded tensor", .. })));
+    assert!(matches!(
+        deserialize(
+            &wire(CompressionType::None, "float64", vec![3], vec![0; 24]),
+            &tight
+        ),
+        Err(DeserializeError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        deserialize(
+            &wire(CompressionType::Blockwise8bit, "float64", vec![3], vec![0; 8]),
+            &tight
+        ),
+        Err(DeserializeError::TooLarge {
+            what: "decoded tensor",
+            ..
+        })
+    ));
 }
 
 /// Garbage protos, and valid ones with bytes flipped, cut or appended: every outcome must be a value
@@ -229,8 +394,25 @@ fn malformed_buffers_are_typed_errors() {
 #[test]
 fn fuzz_garbage_never_panics() {
     let mut rng = Rng(0xA11CE);
-    let names = ["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool", "", "float", "complex64"];
-    let limits = Limits::default().with_max_elements(1 << 16).with_max_bytes(1 << 20).with_max_threads(2);
+    let names = [
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "",
+        "float",
+        "complex64",
+    ];
+    let limits = Limits::default()
+        .with_max_elements(1 << 16)
+        .with_max_bytes(1 << 20)
+        .with_max_threads(2);
     let mut seeds: Vec<WireTensor> = Vec::new();
     for codec in CODECS {
         for shape in [vec![], vec![0], vec![7], vec![3, 5], vec![4100]] {
@@ -304,5 +486,8 @@ fn fuzz_garbage_never_panics() {
             let _ = combine_from_streaming(parts, &limits);
         }
     }
-    assert!(ok > 1000, "only {ok} inputs decoded: the fuzz loop is not reaching the decoders");
+    assert!(
+        ok > 1000,
+        "only {ok} inputs decoded: the fuzz loop is not reaching the decoders"
+    );
 }

@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use crate::proto::runtime::CompressionType;
 use crate::tensor::cast::{self, view};
+use crate::tensor::pool::Buffer;
 use crate::tensor::{DType, DeserializeError, Tensor, par};
 
 use super::quantization::{N_BINS, check_indices, read_count};
@@ -95,33 +96,32 @@ fn lut() -> &'static [u8; LUT_SIZE] {
 }
 
 /// bitsandbytes' `norm_to_lut_index`: clamp to [-1, 1], scale to [0, 65535], round half up; NaN → 0 (the
-/// low bits of x86's `cvttss2si` of NaN).
+/// low bits of x86's `cvttss2si` of NaN). Branch-free, so that it vectorises.
 #[inline]
-fn lut_index(v: f32) -> usize {
-    let c = if v < -1.0 {
-        -1.0
-    } else if v > 1.0 {
-        1.0
-    } else {
-        v
-    };
-    ((((c + 1.0) * 0.5) * (LUT_SIZE - 1) as f32 + 0.5) as usize) & (LUT_SIZE - 1)
+fn lut_index(v: f32) -> u32 {
+    let c = if v < -1.0 { -1.0 } else { v };
+    let c = if c > 1.0 { 1.0 } else { c };
+    ((((c + 1.0) * 0.5) * (LUT_SIZE - 1) as f32 + 0.5) as i32 as u32) & (LUT_SIZE as u32 - 1)
 }
+
+/// Elements whose table indices are computed together (vectorised) before the table lookups.
+const LANES: usize = 16;
 
 /// The NaN-ignoring absolute maximum of a block (`std::max(absmax, fabs(x))` from 0).
 fn absmax(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            let a = v.abs();
-            *m = if a > *m { a } else { *m };
-        }
-    }
-    lanes.iter().chain(chunks.remainder()).fold(0f32, |m, &v| {
+    #[inline]
+    fn step(m: f32, v: f32) -> f32 {
         let a = v.abs();
         if a > m { a } else { m }
-    })
+    }
+    let mut lanes = [0f32; LANES];
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    for c in chunks {
+        for j in 0..LANES {
+            lanes[j] = step(lanes[j], c[j]);
+        }
+    }
+    lanes.iter().chain(tail).fold(0f32, |m, &v| step(m, v))
 }
 
 fn quantize_block(x: &[f32], q: &mut [u8], lut: &[u8; LUT_SIZE]) -> f32 {
@@ -131,8 +131,19 @@ fn quantize_block(x: &[f32], q: &mut [u8], lut: &[u8; LUT_SIZE]) -> f32 {
         return am;
     }
     let inv = 1.0 / am;
-    for (o, &v) in q.iter_mut().zip(x) {
-        *o = lut[lut_index(v * inv)];
+    let (xs, x_tail) = x.as_chunks::<LANES>();
+    let (qs, q_tail) = q.as_chunks_mut::<LANES>();
+    let mut idx = [0u32; LANES];
+    for (o, v) in qs.iter_mut().zip(xs) {
+        for j in 0..LANES {
+            idx[j] = lut_index(v[j] * inv);
+        }
+        for j in 0..LANES {
+            o[j] = lut[idx[j] as usize & (LUT_SIZE - 1)];
+        }
+    }
+    for (o, &v) in q_tail.iter_mut().zip(x_tail) {
+        *o = lut[lut_index(v * inv) as usize];
     }
     am
 }
@@ -145,30 +156,43 @@ pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Bytes {
     let lut = lut();
 
     let header = 16 + 4 * blocks + 4 * N_BINS;
-    let mut buf = vec![0u8; header + n];
-    let (head, q) = buf.split_at_mut(header);
+    let mut buf = Buffer::new(header + n);
+    let (head, q) = buf.bytes_mut().split_at_mut(header);
     let mut scales = vec![0f32; blocks];
     {
         let mut jobs: Vec<(&mut [u8], &mut f32)> = q.chunks_mut(BLOCK).zip(scales.iter_mut()).collect();
-        par::for_each_mut(&mut jobs, BLOCKS_PER_PIECE, par::threads_for(n, ctx.threads), |first, piece| {
-            for (j, (qb, scale)) in piece.iter_mut().enumerate() {
-                let start = (first + j) * BLOCK;
-                **scale = quantize_block(&x[start..start + qb.len()], qb, lut);
-            }
-        });
+        par::for_each_mut(
+            &mut jobs,
+            BLOCKS_PER_PIECE,
+            par::threads_for(n, ctx.threads),
+            |first, piece| {
+                for (j, (qb, scale)) in piece.iter_mut().enumerate() {
+                    let start = (first + j) * BLOCK;
+                    **scale = quantize_block(&x[start..start + qb.len()], qb, lut);
+                }
+            },
+        );
     }
     head[..8].copy_from_slice(&(blocks as i64).to_le_bytes());
     head[8..16].copy_from_slice(&(N_BINS as i64).to_le_bytes());
-    for (dst, s) in head[16..].chunks_exact_mut(4).zip(scales.iter().chain(code.iter())) {
+    for (dst, s) in head[16..]
+        .chunks_exact_mut(4)
+        .zip(scales.iter().chain(code.iter()))
+    {
         dst.copy_from_slice(&s.to_le_bytes());
     }
-    Bytes::from(buf)
+    buf.into_bytes()
 }
 
 pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Result<Bytes, DeserializeError> {
     let n_scales = read_count(CODEC, buf, 0, "absmax")?;
     let n_code = read_count(CODEC, buf, 8, "codebook")?;
-    let truncated = |what, needed: u64| DeserializeError::Truncated { codec: CODEC, what, needed, actual: buf.len() };
+    let truncated = |what, needed: u64| DeserializeError::Truncated {
+        codec: CODEC,
+        what,
+        needed,
+        actual: buf.len(),
+    };
     let code_start = n_scales
         .checked_mul(4)
         .and_then(|b| b.checked_add(16))
@@ -178,7 +202,10 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
         .checked_mul(4)
         .and_then(|b| b.checked_add(code_start))
         .filter(|&e| e <= buf.len() as u64)
-        .ok_or(truncated("codebook", n_code.saturating_mul(4).saturating_add(code_start)))?;
+        .ok_or(truncated(
+            "codebook",
+            n_code.saturating_mul(4).saturating_add(code_start),
+        ))?;
     let (code_start, q_start) = (code_start as usize, q_start as usize);
     let q = &buf[q_start..];
     let numel = shape.numel;
@@ -191,7 +218,10 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
     }
     let blocks = numel.div_ceil(BLOCK) as u64;
     if n_scales < blocks {
-        return Err(DeserializeError::TooFewScales { needed: blocks, actual: n_scales });
+        return Err(DeserializeError::TooFewScales {
+            needed: blocks,
+            actual: n_scales,
+        });
     }
     check_indices(CODEC, q, n_code.min(N_BINS as u64) as usize)?;
     let scales = view::<f32>(&buf[16..16 + 4 * blocks as usize]);
@@ -201,13 +231,18 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
         *c = bytemuck::pod_read_unaligned(b);
     }
 
-    let mut out = vec![0f32; numel];
-    par::for_each_mut(&mut out, BLOCK, par::threads_for(numel, ctx.threads), |off, piece| {
-        let scale = scales[off / BLOCK];
-        for (o, &i) in piece.iter_mut().zip(&q[off..]) {
-            *o = code[usize::from(i)] * scale;
-        }
-    });
+    let mut out = Buffer::new(4 * numel);
+    par::for_each_mut(
+        out.as_mut::<f32>(),
+        BLOCK,
+        par::threads_for(numel, ctx.threads),
+        |off, piece| {
+            let scale = scales[off / BLOCK];
+            for (o, &i) in piece.iter_mut().zip(&q[off..]) {
+                *o = code[usize::from(i)] * scale;
+            }
+        },
+    );
     Ok(cast::from_f32(dtype, out))
 }
 
@@ -221,11 +256,11 @@ mod tests {
         assert_eq!(lut[0], 0);
         assert_eq!(lut[LUT_SIZE - 1], 255);
         assert!(lut.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(lut[lut_index(1.0)], 255);
+        assert_eq!(lut[lut_index(1.0) as usize], 255);
         // bitsandbytes' table puts 0.0 on entry 32768 (≈1.5e-5), whose nearest code is 2.125e-5 (index
         // 131), not the code's exact 0 (index 127): hivemind sends zeros in a non-zero block that way.
         assert_eq!(code()[127], 0.0);
-        assert_eq!(lut[lut_index(0.0)], 131);
+        assert_eq!(lut[lut_index(0.0) as usize], 131);
         assert_eq!(lut_index(f32::NAN), 0);
         assert_eq!(lut_index(-3.0), 0);
     }

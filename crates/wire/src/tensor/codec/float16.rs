@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 use crate::proto::runtime::CompressionType;
 use crate::tensor::cast::{self, view};
+use crate::tensor::pool::Buffer;
 use crate::tensor::{DType, DeserializeError, SerializeError, Tensor, par};
 
 use super::{Ctx, Shape};
@@ -26,14 +27,22 @@ pub(super) fn float32_values(t: &Tensor) -> Cow<'_, [f32]> {
 
 pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
     if !matches!(t.dtype(), DType::Float16 | DType::Float32 | DType::Float64) {
-        return Err(SerializeError::UnsupportedDType { codec: CODEC, dtype: t.dtype() });
+        return Err(SerializeError::UnsupportedDType {
+            codec: CODEC,
+            dtype: t.dtype(),
+        });
     }
     let x = float32_values(t);
-    let mut out = vec![0u16; x.len()];
-    par::for_each_mut(&mut out, GRAIN, par::threads_for(x.len(), ctx.threads), |off, piece| {
-        cast::f32_to_f16_clamped(&x[off..off + piece.len()], piece);
-    });
-    Ok(cast::bytes_from_vec(out))
+    let mut out = Buffer::new(2 * x.len());
+    par::for_each_mut(
+        out.as_mut::<u16>(),
+        GRAIN,
+        par::threads_for(x.len(), ctx.threads),
+        |off, piece| {
+            cast::f32_to_f16_clamped(&x[off..off + piece.len()], piece);
+        },
+    );
+    Ok(out.into_bytes())
 }
 
 pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Result<Bytes, DeserializeError> {
@@ -46,9 +55,14 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
         return Ok(buf.clone());
     }
     let h = view::<u16>(buf);
-    let mut x = vec![0f32; h.len()];
-    par::for_each_mut(&mut x, GRAIN, par::threads_for(h.len(), ctx.threads), |off, piece| {
-        cast::f16_to_f32(&h[off..off + piece.len()], piece);
-    });
+    let mut x = Buffer::new(4 * h.len());
+    par::for_each_mut(
+        x.as_mut::<f32>(),
+        GRAIN,
+        par::threads_for(h.len(), ctx.threads),
+        |off, piece| {
+            cast::f16_to_f32(&h[off..off + piece.len()], piece);
+        },
+    );
     Ok(cast::from_f32(dtype, x))
 }

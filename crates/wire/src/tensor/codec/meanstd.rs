@@ -10,6 +10,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::proto::runtime::CompressionType;
 use crate::tensor::cast::{self, view};
+use crate::tensor::pool::Buffer;
 use crate::tensor::{DType, DeserializeError, SerializeError, Tensor, par};
 
 use super::{Ctx, Shape, float16::float32_values, stats};
@@ -28,12 +29,17 @@ const FP32_EPS: f32 = f32::EPSILON;
 /// `(row length, row count)` for a shape with at least one dimension.
 fn rows_of(dims: &[usize], numel: usize) -> (usize, usize) {
     let (&last, lead) = dims.split_last().unwrap_or((&1, &[]));
-    let rows = if last == 0 { lead.iter().product() } else { numel / last };
+    let rows = numel.checked_div(last).unwrap_or_else(|| lead.iter().product());
     (last, rows)
 }
 
 /// Calls `f(row, range)` for every row segment inside `off..off + len`.
-fn for_row_segments(off: usize, len: usize, row_len: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+fn for_row_segments(
+    off: usize,
+    len: usize,
+    row_len: usize,
+    mut f: impl FnMut(usize, std::ops::Range<usize>),
+) {
     let end = off + len;
     let mut i = off;
     while i < end {
@@ -46,7 +52,10 @@ fn for_row_segments(off: usize, len: usize, row_len: usize, mut f: impl FnMut(us
 
 pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
     if !matches!(t.dtype(), DType::Float16 | DType::Float32 | DType::Float64) {
-        return Err(SerializeError::UnsupportedDType { codec: CODEC, dtype: t.dtype() });
+        return Err(SerializeError::UnsupportedDType {
+            codec: CODEC,
+            dtype: t.dtype(),
+        });
     }
     if t.shape().is_empty() {
         return Err(SerializeError::ScalarNotSupported { codec: CODEC });
@@ -66,11 +75,14 @@ pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
             (mean, if std < FP32_EPS { FP32_EPS } else { std })
         };
         if row_len >= GRAIN {
-            (0..rows).map(|r| row_stats(&x[r * row_len..(r + 1) * row_len], ctx.threads)).collect()
+            (0..rows)
+                .map(|r| row_stats(&x[r * row_len..(r + 1) * row_len], ctx.threads))
+                .collect()
         } else {
             let rows_per_piece = (GRAIN / row_len).max(1);
             par::map_ranges(rows, rows_per_piece, par::threads_for(numel, ctx.threads), |rs| {
-                rs.map(|r| row_stats(&x[r * row_len..(r + 1) * row_len], 1)).collect::<Vec<_>>()
+                rs.map(|r| row_stats(&x[r * row_len..(r + 1) * row_len], 1))
+                    .collect::<Vec<_>>()
             })
             .into_iter()
             .flatten()
@@ -78,29 +90,38 @@ pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
         }
     };
 
-    let mut out = vec![0u16; numel + 4 * rows];
-    let (halves, tail) = out.split_at_mut(numel);
-    par::for_each_mut(halves, GRAIN, par::threads_for(numel, ctx.threads), |off, piece| {
-        let mut tmp = [0f32; STEP];
-        for_row_segments(off, piece.len(), row_len.max(1), |row, seg| {
-            let (mean, std) = stats[row];
-            let src = &x[off + seg.start..off + seg.end];
-            for (s, d) in src.chunks(STEP).zip(piece[seg].chunks_mut(STEP)) {
-                let z = &mut tmp[..s.len()];
-                for (z, &v) in z.iter_mut().zip(s) {
-                    *z = (v - mean) / std;
+    let mut out = Buffer::new(2 * numel + 8 * rows);
+    let (halves, tail) = out.as_mut::<u16>().split_at_mut(numel);
+    par::for_each_mut(
+        halves,
+        GRAIN,
+        par::threads_for(numel, ctx.threads),
+        |off, piece| {
+            let mut tmp = [0f32; STEP];
+            for_row_segments(off, piece.len(), row_len.max(1), |row, seg| {
+                let (mean, std) = stats[row];
+                let src = &x[off + seg.start..off + seg.end];
+                for (s, d) in src.chunks(STEP).zip(piece[seg].chunks_mut(STEP)) {
+                    let z = &mut tmp[..s.len()];
+                    for (z, &v) in z.iter_mut().zip(s) {
+                        *z = (v - mean) / std;
+                    }
+                    cast::f32_to_f16_clamped(z, d);
                 }
-                cast::f32_to_f16_clamped(z, d);
-            }
-        });
-    });
+            });
+        },
+    );
     let tail: &mut [u8] = bytemuck::cast_slice_mut(tail);
     let (means, stds) = tail.split_at_mut(4 * rows);
-    for ((&(mean, std), m), s) in stats.iter().zip(means.chunks_exact_mut(4)).zip(stds.chunks_exact_mut(4)) {
+    for ((&(mean, std), m), s) in stats
+        .iter()
+        .zip(means.chunks_exact_mut(4))
+        .zip(stds.chunks_exact_mut(4))
+    {
         m.copy_from_slice(&mean.to_le_bytes());
         s.copy_from_slice(&std.to_le_bytes());
     }
-    Ok(cast::bytes_from_vec(out))
+    Ok(out.into_bytes())
 }
 
 pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Result<Bytes, DeserializeError> {
@@ -115,7 +136,11 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
     let (row_len, rows) = rows_of(&shape.dims, numel);
     let expected = numel as u64 * 2 + rows as u64 * 8;
     if buf.len() as u64 != expected {
-        return Err(DeserializeError::BufferLength { codec: CODEC, expected, actual: buf.len() });
+        return Err(DeserializeError::BufferLength {
+            codec: CODEC,
+            expected,
+            actual: buf.len(),
+        });
     }
     let (halves, tail) = buf.split_at(numel * 2);
     let h = view::<u16>(halves);
@@ -126,8 +151,8 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
     let row_len = row_len.max(1);
     match dtype {
         DType::Float32 => {
-            let mut out = vec![0f32; numel];
-            par::for_each_mut(&mut out, GRAIN, threads, |off, piece| {
+            let mut out = Buffer::new(4 * numel);
+            par::for_each_mut(out.as_mut::<f32>(), GRAIN, threads, |off, piece| {
                 cast::f16_to_f32(&h[off..off + piece.len()], piece);
                 for_row_segments(off, piece.len(), row_len, |row, seg| {
                     let (m, s) = (means[row], stds[row]);
@@ -136,11 +161,11 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
                     }
                 });
             });
-            Ok(cast::bytes_from_vec(out))
+            Ok(out.into_bytes())
         }
         DType::Float64 => {
-            let mut out = vec![0f64; numel];
-            par::for_each_mut(&mut out, GRAIN, threads, |off, piece| {
+            let mut out = Buffer::new(8 * numel);
+            par::for_each_mut(out.as_mut::<f64>(), GRAIN, threads, |off, piece| {
                 let mut tmp = [0f32; STEP];
                 for_row_segments(off, piece.len(), row_len, |row, seg| {
                     let (m, s) = (f64::from(means[row]), f64::from(stds[row]));
@@ -154,12 +179,12 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
                     }
                 });
             });
-            Ok(cast::bytes_from_vec(out))
+            Ok(out.into_bytes())
         }
         _ => {
             // float16: torch computes each in-place op in float32 and rounds back to float16.
-            let mut out = vec![f16::ZERO; numel];
-            par::for_each_mut(&mut out, GRAIN, threads, |off, piece| {
+            let mut out = Buffer::new(2 * numel);
+            par::for_each_mut(out.as_mut::<f16>(), GRAIN, threads, |off, piece| {
                 let mut tmp = [0f32; STEP];
                 for_row_segments(off, piece.len(), row_len, |row, seg| {
                     let (m, s) = (means[row], stds[row]);
@@ -175,7 +200,7 @@ pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, ctx: &Ctx) -> Res
                     }
                 });
             });
-            Ok(cast::bytes_from_vec(out))
+            Ok(out.into_bytes())
         }
     }
 }

@@ -32,10 +32,19 @@ pub(crate) struct Shape {
 
 impl Shape {
     /// Checks that `buf` holds exactly `per_element` bytes per element.
-    fn expect_len(&self, codec: CompressionType, buf: &Bytes, per_element: u64) -> Result<(), DeserializeError> {
+    fn expect_len(
+        &self,
+        codec: CompressionType,
+        buf: &Bytes,
+        per_element: u64,
+    ) -> Result<(), DeserializeError> {
         let expected = self.numel as u64 * per_element;
         if buf.len() as u64 != expected {
-            return Err(DeserializeError::BufferLength { codec, expected, actual: buf.len() });
+            return Err(DeserializeError::BufferLength {
+                codec,
+                expected,
+                actual: buf.len(),
+            });
         }
         Ok(())
     }
@@ -55,7 +64,10 @@ pub struct SerializeOptions {
 
 impl Default for SerializeOptions {
     fn default() -> Self {
-        SerializeOptions { legacy_bfloat16: true, max_threads: par::default_threads() }
+        SerializeOptions {
+            legacy_bfloat16: true,
+            max_threads: par::default_threads(),
+        }
     }
 }
 
@@ -79,11 +91,11 @@ impl SerializeOptions {
 /// [`SerializeOptions`].
 ///
 /// NONE and FLOAT16, QUANTILE_8BIT and BLOCKWISE_8BIT produce hivemind's bytes exactly;
-/// MEANSTD_16BIT and UNIFORM_8BIT depend on a float32 mean and norm whose last bit torch's reduction
-/// order decides, so they match hivemind within the codec's own error (see the module docs).
+/// MEANSTD_16BIT and UNIFORM_8BIT depend on a float32 mean and norm that torch computes in a
+/// CPU-dependent order, so they match hivemind within one code step (see the [module docs](super)).
 ///
 /// Errors where hivemind raises: a dtype the codec does not take, MEANSTD_16BIT on a 0-d tensor,
-/// UNIFORM_8BIT / QUANTILE_8BIT on an empty tensor.
+/// UNIFORM_8BIT / QUANTILE_8BIT on an empty tensor, UNIFORM_8BIT on a 0-d float64 tensor.
 pub fn serialize(tensor: &Tensor, compression: CompressionType) -> Result<WireTensor, SerializeError> {
     serialize_with(tensor, compression, &SerializeOptions::default())
 }
@@ -99,7 +111,9 @@ pub fn serialize_with(
         .iter()
         .map(|&d| u32::try_from(d).map_err(|_| SerializeError::DimensionTooLarge { dim: d }))
         .collect::<Result<Vec<u32>, _>>()?;
-    let ctx = Ctx { threads: options.max_threads.max(1) };
+    let ctx = Ctx {
+        threads: options.max_threads.max(1),
+    };
     let buffer = match compression {
         CompressionType::None => none::encode(tensor, options.legacy_bfloat16),
         CompressionType::Float16 => float16::encode(tensor, &ctx)?,
@@ -128,17 +142,26 @@ pub fn serialize_with(
 pub fn deserialize(wire: &WireTensor, limits: &Limits) -> Result<Tensor, DeserializeError> {
     let codec = CompressionType::try_from(wire.compression)
         .map_err(|_| DeserializeError::UnknownCompression(wire.compression))?;
-    let dtype = DType::from_name(&wire.dtype).ok_or_else(|| DeserializeError::UnknownDType(wire.dtype.clone()))?;
+    let dtype =
+        DType::from_name(&wire.dtype).ok_or_else(|| DeserializeError::UnknownDType(wire.dtype.clone()))?;
     if wire.size.len() > limits.max_dims {
-        return Err(DeserializeError::TooManyDims { dims: wire.size.len(), max: limits.max_dims });
+        return Err(DeserializeError::TooManyDims {
+            dims: wire.size.len(),
+            max: limits.max_dims,
+        });
     }
     let numel = wire
         .size
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(u64::from(d)))
-        .ok_or_else(|| DeserializeError::ShapeOverflow { shape: wire.size.clone() })?;
+        .ok_or_else(|| DeserializeError::ShapeOverflow {
+            shape: wire.size.clone(),
+        })?;
     if numel > limits.max_elements as u64 {
-        return Err(DeserializeError::TooManyElements { numel, max: limits.max_elements });
+        return Err(DeserializeError::TooManyElements {
+            numel,
+            max: limits.max_elements,
+        });
     }
     if wire.buffer.len() > limits.max_bytes {
         return Err(DeserializeError::TooLarge {
@@ -149,11 +172,20 @@ pub fn deserialize(wire: &WireTensor, limits: &Limits) -> Result<Tensor, Deseria
     }
     let out_bytes = numel.saturating_mul(dtype.size() as u64);
     if out_bytes > limits.max_bytes as u64 {
-        return Err(DeserializeError::TooLarge { what: "decoded tensor", bytes: out_bytes, max: limits.max_bytes });
+        return Err(DeserializeError::TooLarge {
+            what: "decoded tensor",
+            bytes: out_bytes,
+            max: limits.max_bytes,
+        });
     }
     // numel ≤ max_elements: usize.
-    let shape = Shape { dims: wire.size.iter().map(|&d| d as usize).collect(), numel: numel as usize };
-    let ctx = Ctx { threads: limits.max_threads.max(1) };
+    let shape = Shape {
+        dims: wire.size.iter().map(|&d| d as usize).collect(),
+        numel: numel as usize,
+    };
+    let ctx = Ctx {
+        threads: limits.max_threads.max(1),
+    };
     let data = match codec {
         CompressionType::None => none::decode(&wire.buffer, &shape, dtype, &ctx)?,
         CompressionType::Float16 => float16::decode(&wire.buffer, &shape, dtype, &ctx)?,

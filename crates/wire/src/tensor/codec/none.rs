@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::proto::runtime::CompressionType;
 use crate::tensor::cast::{self, view};
+use crate::tensor::pool::Buffer;
 use crate::tensor::{DType, DeserializeError, Tensor};
 
 use super::{Ctx, Shape};
@@ -17,19 +18,30 @@ const CODEC: CompressionType = CompressionType::None;
 pub(super) fn encode(t: &Tensor, legacy_bfloat16: bool) -> Bytes {
     if t.dtype() == DType::BFloat16 && legacy_bfloat16 {
         let bits = view::<u16>(t.bytes());
-        let widened: Vec<f32> = bits.iter().map(|&b| cast::bf16_bits_to_f32(b)).collect();
-        return cast::bytes_from_vec(widened);
+        let mut out = Buffer::new(4 * bits.len());
+        for (o, &b) in out.as_mut::<f32>().iter_mut().zip(bits.iter()) {
+            *o = cast::bf16_bits_to_f32(b);
+        }
+        return out.into_bytes();
     }
     t.bytes().clone()
 }
 
-pub(super) fn decode(buf: &Bytes, shape: &Shape, dtype: DType, _ctx: &Ctx) -> Result<Bytes, DeserializeError> {
+pub(super) fn decode(
+    buf: &Bytes,
+    shape: &Shape,
+    dtype: DType,
+    _ctx: &Ctx,
+) -> Result<Bytes, DeserializeError> {
     let numel = shape.numel;
     if dtype == DType::BFloat16 && numel > 0 && buf.len() / numel == 4 {
         shape.expect_len(CODEC, buf, 4)?;
         let widened = view::<f32>(buf);
-        let bits: Vec<u16> = widened.iter().map(|&x| cast::f32_to_bf16_bits(x)).collect();
-        return Ok(cast::bytes_from_vec(bits));
+        let mut out = Buffer::new(2 * numel);
+        for (o, &x) in out.as_mut::<u16>().iter_mut().zip(widened.iter()) {
+            *o = cast::f32_to_bf16_bits(x);
+        }
+        return Ok(out.into_bytes());
     }
     shape.expect_len(CODEC, buf, dtype.size() as u64)?;
     Ok(buf.clone())

@@ -6,12 +6,15 @@
 //! computes in float64 and where in float32), torch's `bucketize` against float64 borders, and the
 //! in-order float32 sums of `scatter_add_`. Apiary's buffer is therefore byte-identical to hivemind's.
 
+use std::cmp::Ordering;
+
 use bytes::Bytes;
 
 use crate::proto::runtime::CompressionType;
+use crate::tensor::pool::Buffer;
 use crate::tensor::{SerializeError, Tensor, par};
 
-use super::quantization::{N_BINS, assemble, average_buckets};
+use super::quantization::{HEADER, N_BINS, average_buckets, write_header};
 use super::{Ctx, float16::float32_values};
 
 const CODEC: CompressionType = CompressionType::Quantile8bit;
@@ -27,16 +30,22 @@ const GRAIN: usize = 1 << 16;
 
 pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
     if !t.dtype().is_floating_point() {
-        return Err(SerializeError::UnsupportedDType { codec: CODEC, dtype: t.dtype() });
+        return Err(SerializeError::UnsupportedDType {
+            codec: CODEC,
+            dtype: t.dtype(),
+        });
     }
     if t.numel() == 0 {
         return Err(SerializeError::EmptyNotSupported { codec: CODEC });
     }
     let x = float32_values(t);
     let quantiles = quantile_qq_approximation(&x, ctx.threads);
-    let q = bucketize(&x, &quantiles[1..N_QUANTILES - 1], ctx.threads);
-    let codebook = average_buckets(&x, &q, ctx.threads);
-    Ok(assemble(&codebook, q))
+    let mut buf = Buffer::new(HEADER + x.len());
+    let (head, q) = buf.bytes_mut().split_at_mut(HEADER);
+    bucketize(&x, &quantiles[1..N_QUANTILES - 1], q, ctx.threads);
+    let codebook = average_buckets(&x, q, ctx.threads);
+    write_header(head, &codebook);
+    Ok(buf.into_bytes())
 }
 
 /// hivemind's `get_chunk_size`: chunks of at least `min_chunk` elements, evened out.
@@ -45,7 +54,11 @@ fn get_chunk_size(n: usize, min_chunk: usize) -> usize {
         return min_chunk;
     }
     let leftover = n % min_chunk;
-    if leftover == 0 { min_chunk } else { min_chunk + (leftover - 1) / (n / min_chunk) + 1 }
+    if leftover == 0 {
+        min_chunk
+    } else {
+        min_chunk + (leftover - 1) / (n / min_chunk) + 1
+    }
 }
 
 /// `quantile_qq_approximation(x, 257)` for a non-empty `x`: 257 uniform quantiles of each chunk (float32
@@ -108,7 +121,11 @@ fn interpolate_f64(s: &[f32], i: usize) -> f64 {
     let (p, nx, t) = position(s.len(), i);
     let (a, b) = (s[p], s[nx]);
     let diff = f64::from(b - a);
-    if t >= 0.5 { f64::from(b) - diff * (1.0 - t) } else { f64::from(a) + diff * t }
+    if t >= 0.5 {
+        f64::from(b) - diff * (1.0 - t)
+    } else {
+        f64::from(a) + diff * t
+    }
 }
 
 /// The values sorted ascending (zeros all positive), or `None` if any is NaN (numpy then returns NaN
@@ -145,7 +162,7 @@ fn radix_sort(mut keys: Vec<u32>) -> Vec<u32> {
     }
     let mut scratch = vec![0u32; keys.len()];
     for (d, h) in hist.iter().enumerate() {
-        if h.iter().any(|&c| c == keys.len()) {
+        if h.contains(&keys.len()) {
             continue;
         }
         let mut offsets = [0usize; BUCKETS];
@@ -173,8 +190,7 @@ fn round_down(b: f64) -> f32 {
 
 /// `torch.clamp(torch.bucketize(x, borders), 0, 255)` with float64 `borders` (x is promoted to
 /// float64): the number of borders below each value, by torch's binary search.
-fn bucketize(x: &[f32], borders: &[f64], threads: usize) -> Vec<u8> {
-    let mut q = vec![0u8; x.len()];
+fn bucketize(x: &[f32], borders: &[f64], q: &mut [u8], threads: usize) {
     let threads = par::threads_for(x.len(), threads);
     let sorted = borders.iter().all(|b| !b.is_nan()) && borders.windows(2).all(|w| w[0] <= w[1]);
     if sorted && borders.len() == N_BINS - 1 {
@@ -183,33 +199,46 @@ fn bucketize(x: &[f32], borders: &[f64], threads: usize) -> Vec<u8> {
         for (t, &b) in th.iter_mut().zip(borders) {
             *t = round_down(b);
         }
-        par::for_each_mut(&mut q, GRAIN, threads, |off, piece| {
-            for (o, &v) in piece.iter_mut().zip(&x[off..]) {
-                *o = if v.is_nan() { (N_BINS - 1) as u8 } else { count_below(&th, v) };
+        par::for_each_mut(q, GRAIN, threads, |off, piece| {
+            let (ins, in_tail) = x[off..off + piece.len()].as_chunks::<LANES>();
+            let (outs, out_tail) = piece.as_chunks_mut::<LANES>();
+            for (o, v) in outs.iter_mut().zip(ins) {
+                *o = count_below(&th, v);
+            }
+            for (o, &v) in out_tail.iter_mut().zip(in_tail) {
+                *o = count_below(&th, &[v; LANES])[0];
             }
         });
     } else {
-        par::for_each_mut(&mut q, GRAIN, threads, |off, piece| {
+        par::for_each_mut(q, GRAIN, threads, |off, piece| {
             for (o, &v) in piece.iter_mut().zip(&x[off..]) {
                 *o = torch_lower_bound(borders, f64::from(v)).min(N_BINS - 1) as u8;
             }
         });
     }
-    q
 }
 
-/// How many of the sorted `th` are below `v` (at most 255: the last entry is +inf).
+/// Values searched in lockstep, so that the eight dependent table loads of one search overlap with
+/// those of the others.
+const LANES: usize = 8;
+
+/// For each of `v`, how many of the sorted `th` are below it (at most 255: the last entry is +inf), by
+/// a branch-free binary search; NaN gives 255, as torch's search does.
 #[inline]
-fn count_below(th: &[f32; N_BINS], v: f32) -> u8 {
-    let mut base = 0usize;
+fn count_below(th: &[f32; N_BINS], v: &[f32; LANES]) -> [u8; LANES] {
+    let mut base = [0usize; LANES];
     let mut step = N_BINS / 2;
     while step > 0 {
-        if th[(base + step - 1) & (N_BINS - 1)] < v {
-            base += step;
+        for (b, &x) in base.iter_mut().zip(v) {
+            *b += step * usize::from(th[(*b + step - 1) & (N_BINS - 1)] < x);
         }
         step /= 2;
     }
-    base as u8
+    let mut out = [0u8; LANES];
+    for ((o, &b), &x) in out.iter_mut().zip(&base).zip(v) {
+        *o = if x.is_nan() { (N_BINS - 1) as u8 } else { b as u8 };
+    }
+    out
 }
 
 /// torch's `cus_lower_bound` (`!(mid >= val)` moves right), exact for unsorted or NaN borders too.
@@ -217,7 +246,12 @@ fn torch_lower_bound(bd: &[f64], val: f64) -> usize {
     let (mut start, mut end) = (0usize, bd.len());
     while start < end {
         let mid = start + ((end - start) >> 1);
-        if !(bd[mid] >= val) {
+        // `!(mid >= val)`: true for NaN on either side
+        let at_or_above = matches!(
+            bd[mid].partial_cmp(&val),
+            Some(Ordering::Greater | Ordering::Equal)
+        );
+        if !at_or_above {
             start = mid + 1;
         } else {
             end = mid;
@@ -241,7 +275,17 @@ mod tests {
 
     #[test]
     fn radix_sort_sorts() {
-        let x = [3.5f32, -0.0, 0.0, -7.25, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-40, 2.0];
+        let x = [
+            3.5f32,
+            -0.0,
+            0.0,
+            -7.25,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            -1e-40,
+            2.0,
+        ];
         let s = sorted(&x).unwrap();
         let mut expect = x.to_vec();
         expect.sort_by(f32::total_cmp);
@@ -253,14 +297,20 @@ mod tests {
 
     #[test]
     fn fast_bucketize_equals_torch_search() {
-        let borders: Vec<f64> = (0..255).map(|i| (f64::from(i) - 127.0) / 31.0 + 1e-9 * f64::from(i % 3)).collect();
+        let borders: Vec<f64> = (0..255)
+            .map(|i| (f64::from(i) - 127.0) / 31.0 + 1e-9 * f64::from(i % 3))
+            .collect();
         let x: Vec<f32> = (0..20_000)
             .map(|i| ((i as f32) * 0.618).sin() * 5.0)
             .chain(borders.iter().map(|&b| b as f32))
             .chain([f32::INFINITY, f32::NEG_INFINITY, -0.0, f32::NAN])
             .collect();
-        let fast = bucketize(&x, &borders, 1);
-        let exact: Vec<u8> = x.iter().map(|&v| torch_lower_bound(&borders, f64::from(v)).min(255) as u8).collect();
+        let mut fast = vec![0u8; x.len()];
+        bucketize(&x, &borders, &mut fast, 1);
+        let exact: Vec<u8> = x
+            .iter()
+            .map(|&v| torch_lower_bound(&borders, f64::from(v)).min(255) as u8)
+            .collect();
         assert_eq!(fast, exact);
     }
 }

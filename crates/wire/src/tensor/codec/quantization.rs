@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::proto::runtime::CompressionType;
 use crate::tensor::cast::{self, view};
+use crate::tensor::pool::Buffer;
 use crate::tensor::{DType, DeserializeError, par};
 
 use super::{Ctx, Shape};
@@ -23,7 +24,8 @@ const GRAIN: usize = 1 << 16;
 pub(super) fn average_buckets(x: &[f32], q: &[u8], threads: usize) -> [f32; N_BINS] {
     let mut sums = [0f32; N_BINS];
     for (&v, &i) in x.iter().zip(q) {
-        sums[usize::from(i)] += v;
+        let s = &mut sums[usize::from(i)];
+        *s = add_x86(*s, v);
     }
     let counts = par::map_ranges(q.len(), GRAIN, par::threads_for(q.len(), threads), |r| {
         let mut c = [0u64; N_BINS];
@@ -40,15 +42,32 @@ pub(super) fn average_buckets(x: &[f32], q: &[u8], threads: usize) -> [f32; N_BI
     lookup
 }
 
-/// Lays out the buffer.
-pub(super) fn assemble(codebook: &[f32; N_BINS], q: Vec<u8>) -> Bytes {
-    let mut buf = Vec::with_capacity(8 + 4 * N_BINS + q.len());
-    buf.extend_from_slice(&(N_BINS as i64).to_le_bytes());
-    for c in codebook {
-        buf.extend_from_slice(&c.to_le_bytes());
+/// `a + b` with x86 SSE's NaN rules (`addss a, b`: a's NaN wins over b's, quieted; inf − inf gives the
+/// default NaN `0xFFC00000`), which Rust's commutative `+` leaves open. Keeps NaN codebook entries
+/// identical to torch's.
+#[inline]
+fn add_x86(a: f32, b: f32) -> f32 {
+    let s = a + b;
+    if !s.is_nan() {
+        s
+    } else if a.is_nan() {
+        f32::from_bits(a.to_bits() | 0x0040_0000)
+    } else if b.is_nan() {
+        f32::from_bits(b.to_bits() | 0x0040_0000)
+    } else {
+        f32::from_bits(0xFFC0_0000)
     }
-    buf.extend_from_slice(&q);
-    Bytes::from(buf)
+}
+
+/// Bytes before the indices: the codebook length and a 256-entry codebook.
+pub(super) const HEADER: usize = 8 + 4 * N_BINS;
+
+/// Writes the codebook length and codebook in front of the indices.
+pub(super) fn write_header(head: &mut [u8], codebook: &[f32; N_BINS]) {
+    head[..8].copy_from_slice(&(N_BINS as i64).to_le_bytes());
+    for (dst, c) in head[8..HEADER].chunks_exact_mut(4).zip(codebook) {
+        dst.copy_from_slice(&c.to_le_bytes());
+    }
 }
 
 /// Reads an int64 count at `at`, checking it fits and is not negative.
@@ -58,10 +77,15 @@ pub(super) fn read_count(
     at: usize,
     what: &'static str,
 ) -> Result<u64, DeserializeError> {
-    let bytes: [u8; 8] = buf
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(DeserializeError::Truncated { codec, what, needed: at as u64 + 8, actual: buf.len() })?;
+    let bytes: [u8; 8] =
+        buf.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(DeserializeError::Truncated {
+                codec,
+                what,
+                needed: at as u64 + 8,
+                actual: buf.len(),
+            })?;
     let n = i64::from_le_bytes(bytes);
     u64::try_from(n).map_err(|_| DeserializeError::InvalidCount { codec, what, size: n })
 }
@@ -73,7 +97,11 @@ pub(super) fn check_indices(codec: CompressionType, q: &[u8], len: usize) -> Res
     }
     let max = q.iter().copied().max().unwrap_or(0);
     if usize::from(max) >= len {
-        return Err(DeserializeError::IndexOutOfCodebook { codec, index: max, codebook_len: len });
+        return Err(DeserializeError::IndexOutOfCodebook {
+            codec,
+            index: max,
+            codebook_len: len,
+        });
     }
     Ok(())
 }
@@ -99,18 +127,22 @@ fn gather<T: bytemuck::Pod + Send + Sync>(table: &[u8], q: &[u8], threads: usize
     for (e, b) in entries.iter_mut().zip(table.chunks_exact(size_of::<T>())) {
         *e = bytemuck::pod_read_unaligned(b);
     }
-    let mut out = vec![T::zeroed(); q.len()];
-    par::for_each_mut(&mut out, GRAIN, threads, |off, piece| {
+    let mut out = Buffer::new(q.len() * size_of::<T>());
+    par::for_each_mut(out.as_mut::<T>(), GRAIN, threads, |off, piece| {
         for (o, &i) in piece.iter_mut().zip(&q[off..]) {
             *o = entries[usize::from(i)];
         }
     });
-    cast::bytes_from_vec(out)
+    out.into_bytes()
 }
 
 /// Splits a `Quantization` buffer into `(codebook, indices)` and checks both against the shape. Only
 /// the first 256 codebook entries can be indexed, so only they are read.
-pub(super) fn split(codec: CompressionType, buf: &Bytes, shape: &Shape) -> Result<(Vec<f32>, Bytes), DeserializeError> {
+pub(super) fn split(
+    codec: CompressionType,
+    buf: &Bytes,
+    shape: &Shape,
+) -> Result<(Vec<f32>, Bytes), DeserializeError> {
     let len = read_count(codec, buf, 0, "codebook")?;
     let end = len
         .checked_mul(4)

@@ -1,9 +1,12 @@
 //! Means and norms for MEANSTD_16BIT and UNIFORM_8BIT, summed in f64 over fixed pieces (so the result
-//! never depends on the thread count) and rounded to float32 like torch's results.
+//! never depends on the thread count) and rounded once to float32.
 //!
-//! torch sums float32 in its own (vector-width dependent) cascade order, so the last bit of a mean or
-//! norm can differ from hivemind's; both codecs are then equal to hivemind within the codec's error,
-//! not byte for byte.
+//! torch's `mean` is a cascade sum, usually within an ulp of this. Its `norm` along a contiguous axis
+//! accumulates squares in a single SIMD register of float32 lanes (16 with AVX-512, 8 with AVX2: the
+//! result depends on the CPU hivemind runs on), which drifts with the row length: about 1e-5 relative
+//! at 10^6 elements. Apiary's stds are the accurate ones; the float16 / 8-bit codes built from them match
+//! hivemind's except for the elements that sit within that drift of a rounding boundary (one code step
+//! apart).
 
 use crate::tensor::par;
 
@@ -47,8 +50,25 @@ pub(super) fn mean(x: &[f32], threads: usize) -> f32 {
     if x.is_empty() {
         return default_nan();
     }
-    let parts = par::map_ranges(x.len(), GRAIN, par::threads_for(x.len(), threads), |r| sum_piece(&x[r]));
+    let parts = par::map_ranges(x.len(), GRAIN, par::threads_for(x.len(), threads), |r| {
+        sum_piece(&x[r])
+    });
     (parts.iter().sum::<f64>() / x.len() as f64) as f32
+}
+
+/// `torch.mean` of float64 values.
+pub(super) fn mean_f64(x: &[f64], threads: usize) -> f64 {
+    let parts = par::map_ranges(x.len(), GRAIN, par::threads_for(x.len(), threads), |r| {
+        let mut acc = [0f64; 8];
+        let mut chunks = x[r].chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v;
+            }
+        }
+        acc.iter().sum::<f64>() + chunks.remainder().iter().sum::<f64>()
+    });
+    parts.iter().sum::<f64>() / x.len() as f64
 }
 
 /// `torch.norm(x - mean)` with `x - mean` rounded to float32 first, as hivemind's in-place `sub_`.

@@ -3,17 +3,19 @@
 //! mean of the values that fell in it.
 //!
 //! σ is the unbiased standard deviation, so hivemind's 1-element tensors get a NaN scale and every
-//! index 0 (the codebook then holds the value itself); Apiary does the same. Empty tensors and float64
-//! are refused, as by hivemind.
+//! index 0 (the codebook then holds the value itself); Apiary does the same. Empty tensors and 0-d
+//! float64 tensors are refused, as by hivemind (`tensor - shift` of two 0-d tensors stays float64, which
+//! `torch.quantize_per_tensor` rejects).
 
 use bytes::Bytes;
 use half::f16;
 
 use crate::proto::runtime::CompressionType;
 use crate::tensor::cast;
+use crate::tensor::pool::Buffer;
 use crate::tensor::{DType, SerializeError, Tensor, par};
 
-use super::quantization::{N_BINS, assemble, average_buckets};
+use super::quantization::{HEADER, N_BINS, average_buckets, write_header};
 use super::{Ctx, float16::float32_values, stats};
 
 const CODEC: CompressionType = CompressionType::Uniform8bit;
@@ -30,20 +32,21 @@ const ROUNDING_MAGIC: f32 = 12_582_912.0;
 
 /// One index as fbgemm's `Quantize<uint8>` computes it: `clamp(nearbyint(c · (1/scale)) + 128, 0, 255)`,
 /// where NaN (and values at fbgemm's int32 clip, whose `+ 128` wraps) land on 0.
+///
+/// Written without branches so that it vectorises.
 #[inline]
 fn quantize(c: f32, inv_scale: f32) -> u8 {
     let t = c * inv_scale;
-    if !(t < 2_147_483_520.0) {
-        return 0;
-    }
     let r = (t + ROUNDING_MAGIC) - ROUNDING_MAGIC;
-    (r + 128.0).clamp(0.0, 255.0) as u8
+    // NaN passes `clamp` and converts to 0
+    let q = (r + 128.0).clamp(0.0, 255.0);
+    let q = if t < 2_147_483_520.0 { q } else { 0.0 };
+    q as i32 as u8
 }
 
 pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
     let dtype = t.dtype();
-    // float64 passes hivemind's is_floating_point check but torch.quantize_per_tensor refuses it.
-    if !matches!(dtype, DType::Float32 | DType::Float16 | DType::BFloat16) {
+    if !dtype.is_floating_point() || (dtype == DType::Float64 && t.shape().is_empty()) {
         return Err(SerializeError::UnsupportedDType { codec: CODEC, dtype });
     }
     if t.numel() == 0 {
@@ -51,27 +54,29 @@ pub(super) fn encode(t: &Tensor, ctx: &Ctx) -> Result<Bytes, SerializeError> {
     }
     let x = float32_values(t);
     let n = x.len();
-    // `shift = tensor.mean()` is computed in the tensor's own dtype.
-    let mean = stats::mean(&x, ctx.threads);
+    // `shift = tensor.mean()` is computed in the tensor's own dtype, then used as float32.
     let shift = match dtype {
-        DType::Float16 => f16::from_f32(mean).to_f32(),
-        DType::BFloat16 => cast::bf16_from_f32(mean).to_f32(),
-        _ => mean,
+        DType::Float16 => f16::from_f32(stats::mean(&x, ctx.threads)).to_f32(),
+        DType::BFloat16 => cast::bf16_from_f32(stats::mean(&x, ctx.threads)).to_f32(),
+        DType::Float64 => stats::mean_f64(&t.to_f64_vec(), ctx.threads) as f32,
+        _ => stats::mean(&x, ctx.threads),
     };
     let norm = stats::centered_norm(&x, shift, ctx.threads);
     let std_unbiased = norm / ((n - 1) as f64).sqrt() as f32;
     let scale = RANGE_IN_SIGMAS * std_unbiased / N_BINS as f32;
     let inv_scale = 1.0 / scale;
 
-    let mut q = vec![0u8; n];
+    let mut buf = Buffer::new(HEADER + n);
+    let (head, q) = buf.bytes_mut().split_at_mut(HEADER);
     let threads = par::threads_for(n, ctx.threads);
-    par::for_each_mut(&mut q, GRAIN, threads, |off, piece| {
+    par::for_each_mut(q, GRAIN, threads, |off, piece| {
         for (o, &v) in piece.iter_mut().zip(&x[off..]) {
             *o = quantize(v - shift, inv_scale);
         }
     });
-    let codebook = average_buckets(&x, &q, ctx.threads);
-    Ok(assemble(&codebook, q))
+    let codebook = average_buckets(&x, q, ctx.threads);
+    write_header(head, &codebook);
+    Ok(buf.into_bytes())
 }
 
 #[cfg(test)]
