@@ -13,25 +13,12 @@ use apiary_wire::msgpack::{
     self, BatchTensorDescriptor, DecodeError, Device, DictionaryDhtValue, Ext, Int, Number, RpcInfo, Value,
     expert_info,
 };
+use common::{hex, unhex};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 fn golden() -> Json {
-    let path = common::golden_dir().join("msgpack/msgpack.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    assert!(s.len().is_multiple_of(2), "odd hex {s}");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    common::golden_json("msgpack/msgpack.json")
 }
 
 fn s(j: &Json) -> &str {

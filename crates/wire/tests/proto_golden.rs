@@ -11,6 +11,7 @@ use std::fmt::Debug;
 use apiary_wire::proto::{auth, averaging, crypto, dht, p2pd, runtime, test};
 use apiary_wire::rpc::Proto2;
 use bytes::Bytes;
+use common::unhex;
 use prost::Message;
 
 /// The same deterministic bytes as golden_proto.py's `pat(seed, n)`.
@@ -19,13 +20,6 @@ fn pat(seed: usize, n: usize) -> Bytes {
         .map(|i| ((seed + 37 * i) % 256) as u8)
         .collect::<Vec<u8>>()
         .into()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("golden hex"))
-        .collect()
 }
 
 fn golden() -> BTreeMap<String, (String, Vec<u8>)> {
@@ -48,9 +42,15 @@ fn golden() -> BTreeMap<String, (String, Vec<u8>)> {
         .collect()
 }
 
-/// Decodes hivemind's bytes into `M`, compares with `expected`, re-encodes and compares bytes.
-fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], expected: M) {
-    let decoded = M::decode(hivemind).unwrap_or_else(|e| panic!("{name}: Apiary cannot decode: {e}"));
+/// Decodes hivemind's bytes into `M` with `decode`, compares with `expected`, re-encodes and compares
+/// bytes; every strict prefix must be refused or decode to something else, never panic.
+fn check_with<M: Message + PartialEq + Debug, E: std::fmt::Display>(
+    name: &str,
+    hivemind: &[u8],
+    expected: M,
+    decode: impl Fn(&[u8]) -> Result<M, E>,
+) {
+    let decoded = decode(hivemind).unwrap_or_else(|e| panic!("{name}: Apiary refuses hivemind's bytes: {e}"));
     assert_eq!(
         decoded, expected,
         "{name}: decoded value differs from the expected message"
@@ -60,9 +60,8 @@ fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], 
         hivemind,
         "{name}: Apiary's bytes differ from hivemind's"
     );
-    // Every strict prefix must be rejected or decode to something else, never panic.
     for cut in 0..hivemind.len() {
-        if let Ok(m) = M::decode(&hivemind[..cut]) {
+        if let Ok(m) = decode(&hivemind[..cut]) {
             assert_ne!(
                 m, expected,
                 "{name}: prefix of {cut} bytes decoded to the whole message"
@@ -71,29 +70,17 @@ fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], 
     }
 }
 
-/// [`check`] for proto2 messages, decoded with their `required` fields enforced as p2pd does: every
-/// strict prefix that drops a required field is refused.
+/// A proto3 message: plain prost decoding.
+fn check<M: Message + Default + PartialEq + Debug>(name: &str, hivemind: &[u8], expected: M) {
+    check_with(name, hivemind, expected, |b| M::decode(b));
+}
+
+/// A proto2 message, decoded with its `required` fields enforced as p2pd does, so a prefix that drops
+/// a required field is refused.
 fn check2<M: Proto2 + PartialEq + Debug>(name: &str, hivemind: &[u8], expected: M) {
-    let decoded = M::decode_strict(hivemind).unwrap_or_else(|e| panic!("{name}: Apiary refuses: {e}"));
-    assert_eq!(
-        decoded, expected,
-        "{name}: decoded value differs from the expected message"
-    );
-    assert_eq!(
-        expected.encode_to_vec(),
-        hivemind,
-        "{name}: Apiary's bytes differ from hivemind's"
-    );
-    for cut in 0..hivemind.len() {
-        if let Ok(m) = M::decode_strict(&hivemind[..cut]) {
-            assert_ne!(
-                m, expected,
-                "{name}: prefix of {cut} bytes decoded to the whole message"
-            );
-        }
-    }
+    check_with(name, hivemind, expected, |b| M::decode_strict(b));
     assert!(
-        M::decode_strict(&[]).is_err() || M::REQUIRED.is_empty(),
+        M::REQUIRED.is_empty() || M::decode_strict(&[]).is_err(),
         "{name}: empty bytes accepted"
     );
 }

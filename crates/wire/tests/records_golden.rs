@@ -14,23 +14,11 @@ use apiary_wire::signature::{
     DhtRecord, KeyError, RsaPrivateKey, RsaPublicKey, RsaSignatureValidator, ValidationError,
     find_signatures, strip_signatures, validate_record,
 };
+use common::{hex, unhex};
 use serde_json::Value as Json;
 
 fn golden() -> Json {
-    let path = common::golden_dir().join("records/records.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    common::golden_json("records/records.json")
 }
 
 fn s(j: &Json) -> &str {
