@@ -199,12 +199,22 @@ fn table(
             worst = worst.min(ratio);
             worst_fresh = worst_fresh.min(ratio_fresh);
         }
+        // The zero-copy row moves no bytes: a ratio of it would mean nothing.
+        let show = |r: f64| {
+            if ours == "NONE" {
+                "— (no copy)".to_owned()
+            } else {
+                format!("{r:.1}×")
+            }
+        };
         writeln!(
             t,
-            "| {label} | {} | {} | {ratio:.1}× | {} | {ratio_fresh:.1}× | {:.2} |",
+            "| {label} | {} | {} | {} | {} | {} | {:.2} |",
             gbps(a),
             gbps(h),
+            show(ratio),
             gbps(f),
+            show(ratio_fresh),
             memcpy.gbps
         )?;
     }
