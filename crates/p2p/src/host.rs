@@ -1,0 +1,671 @@
+//! The host: one task owning the `Swarm`, reached through a cloneable [`P2pHandle`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use apiary_wire::rpc::{self as wire, END_OF_STREAM, RpcError};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::core::transport::ListenerId;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Stream, Swarm, identify, noise, ping, tcp, yamux};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch};
+
+use crate::behaviour::{self, Names, OpenError};
+use crate::config::P2pConfig;
+use crate::rpc::{self, Frame, Handler, InvalidName, ReadError, StreamHandler, UnaryHandler};
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    rpc: behaviour::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+}
+
+/// Why the host could not start or do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Building the transports failed.
+    #[error("could not build the libp2p transport: {0}")]
+    Transport(String),
+    /// Listening failed.
+    #[error("could not listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    /// Dialing failed.
+    #[error("could not dial {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    /// Kademlia found no addresses for the peer.
+    #[error("peer {0} not found")]
+    PeerNotFound(PeerId),
+    /// The host's event loop has stopped.
+    #[error("the p2p host has shut down")]
+    Shutdown,
+}
+
+/// Why an RPC call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The handler name is not a hivemind handler name.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    /// The request was refused before sending (e.g. an envelope over 4 MiB, which p2pd never reads).
+    #[error("request refused before sending: {0}")]
+    Refused(RpcError),
+    /// Too many calls in flight.
+    #[error("too many calls in flight ({scope} limit of {limit})")]
+    TooManyInFlight { scope: &'static str, limit: usize },
+    /// The stream could not be opened (unknown handler, unreachable peer).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The call took longer than its timeout.
+    #[error("call timed out")]
+    Timeout,
+    /// The remote handler failed; its error text.
+    #[error("remote handler error: {0}")]
+    Remote(String),
+    /// The reply could not be read or was malformed.
+    #[error("bad reply: {0}")]
+    Reply(#[from] ReadError),
+    /// The reply answered another call.
+    #[error("reply carries another call id")]
+    CallIdMismatch,
+    /// The host has shut down.
+    #[error("the p2p host has shut down")]
+    Shutdown,
+}
+
+impl From<std::io::Error> for CallError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Reply(ReadError::Io(e))
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Listen {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<Multiaddr, HostError>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, HostError>>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    OpenStream {
+        peer: PeerId,
+        name: String,
+        reply: oneshot::Sender<Result<Stream, OpenError>>,
+    },
+    FindPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<Vec<Multiaddr>, HostError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+#[derive(Debug)]
+struct Limits {
+    total: Arc<Semaphore>,
+    total_max: usize,
+    per_peer: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+    per_peer_max: usize,
+}
+
+/// Permits held for the duration of one outgoing call.
+#[derive(Debug)]
+struct CallPermit {
+    _total: OwnedSemaphorePermit,
+    _peer: OwnedSemaphorePermit,
+}
+
+impl Limits {
+    fn acquire(&self, peer: PeerId) -> Result<CallPermit, CallError> {
+        let full = |scope, limit| {
+            move |e: TryAcquireError| match e {
+                TryAcquireError::Closed => CallError::Shutdown,
+                TryAcquireError::NoPermits => CallError::TooManyInFlight { scope, limit },
+            }
+        };
+        let peer_sem = {
+            let mut map = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+            if map.len() > 4096 {
+                let max = self.per_peer_max;
+                map.retain(|_, s| s.available_permits() < max);
+            }
+            map.entry(peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer_max)))
+                .clone()
+        };
+        let peer_permit = peer_sem
+            .try_acquire_owned()
+            .map_err(full("per-peer", self.per_peer_max))?;
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(full("total", self.total_max))?;
+        Ok(CallPermit {
+            _total: total,
+            _peer: peer_permit,
+        })
+    }
+}
+
+/// A cloneable handle to the host's event loop.
+#[derive(Debug, Clone)]
+pub struct P2pHandle {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+    handlers: Names,
+    limits: Arc<Limits>,
+    max_stream_frame: u64,
+    listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    peers: watch::Receiver<Vec<PeerId>>,
+}
+
+/// The libp2p host; [`Host::spawn`] starts its event loop.
+#[derive(Debug)]
+pub struct Host;
+
+impl Host {
+    /// Builds the swarm, listens on `config.listen_addrs`, and spawns the event loop on the current tokio
+    /// runtime. Returns the handle and the event loop's join handle.
+    pub fn spawn(config: P2pConfig) -> Result<(P2pHandle, tokio::task::JoinHandle<()>), HostError> {
+        let keypair = config
+            .keypair
+            .clone()
+            .unwrap_or_else(libp2p::identity::Keypair::generate_ed25519);
+        let handlers: Names = Arc::new(RwLock::new(HashMap::new()));
+        let names = handlers.clone();
+        let agent = config.agent_version.clone();
+        let kad_server = config.kad_server_mode;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| HostError::Transport(e.to_string()))?
+            .with_behaviour(|key| {
+                let peer = key.public().to_peer_id();
+                let mut kad = kad::Behaviour::with_config(
+                    peer,
+                    MemoryStore::new(peer),
+                    kad::Config::new(kad::PROTOCOL_NAME),
+                );
+                kad.set_mode(Some(if kad_server {
+                    kad::Mode::Server
+                } else {
+                    kad::Mode::Client
+                }));
+                Behaviour {
+                    rpc: behaviour::Behaviour::new(names),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new("ipfs/0.1.0".into(), key.public()).with_agent_version(agent),
+                    ),
+                    ping: ping::Behaviour::default(),
+                    kad,
+                }
+            })
+            .map_err(|e| HostError::Transport(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+            .build();
+        for addr in &config.listen_addrs {
+            swarm.listen_on(addr.clone()).map_err(|e| HostError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let (commands, command_rx) = mpsc::channel(config.command_capacity.max(1));
+        let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
+        let (peers_tx, peers) = watch::channel(Vec::new());
+        let handle = P2pHandle {
+            commands,
+            local_peer_id: *swarm.local_peer_id(),
+            handlers: handlers.clone(),
+            limits: Arc::new(Limits {
+                total: Arc::new(Semaphore::new(config.max_outbound_calls)),
+                total_max: config.max_outbound_calls,
+                per_peer: Mutex::new(HashMap::new()),
+                per_peer_max: config.max_outbound_calls_per_peer,
+            }),
+            max_stream_frame: config.max_stream_frame,
+            listen_addrs,
+            peers,
+        };
+        let event_loop = EventLoop {
+            swarm,
+            commands: command_rx,
+            handlers,
+            inbound: Arc::new(Semaphore::new(config.max_inbound_calls)),
+            max_stream_frame: config.max_stream_frame,
+            addrs_tx,
+            peers_tx,
+            listens: HashMap::new(),
+            dials: HashMap::new(),
+            finds: HashMap::new(),
+        };
+        Ok((handle, tokio::spawn(event_loop.run())))
+    }
+}
+
+impl P2pHandle {
+    /// This host's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// The addresses this host listens on, as they change.
+    pub fn listen_addrs(&self) -> watch::Receiver<Vec<Multiaddr>> {
+        self.listen_addrs.clone()
+    }
+
+    /// The peers with at least one open connection, as they change.
+    pub fn connected_peers(&self) -> watch::Receiver<Vec<PeerId>> {
+        self.peers.clone()
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Starts listening on `addr`; returns the first concrete address (port 0 resolved).
+    pub async fn listen(&self, addr: Multiaddr) -> Result<Multiaddr, HostError> {
+        self.request(|reply| Command::Listen { addr, reply })
+            .await
+            .ok_or(HostError::Shutdown)?
+    }
+
+    /// Dials `addr` (a `/p2p/` suffix names the expected peer) and waits for the connection.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, HostError> {
+        self.request(|reply| Command::Dial { addr, reply })
+            .await
+            .ok_or(HostError::Shutdown)?
+    }
+
+    /// Records an address for `peer`; calls to the peer dial it when needed.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), HostError> {
+        self.commands
+            .send(Command::AddAddress { peer, addr })
+            .await
+            .map_err(|_| HostError::Shutdown)
+    }
+
+    /// Looks `peer` up through Kademlia; returns its addresses (already recorded for dialing).
+    pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, HostError> {
+        self.request(|reply| Command::FindPeer { peer, reply })
+            .await
+            .ok_or(HostError::Shutdown)?
+    }
+
+    /// Stops the event loop, closing every connection.
+    pub async fn shutdown(&self) {
+        let _ = self.request(|reply| Command::Shutdown { reply }).await;
+    }
+
+    /// Serves a unary handler under `name`, replacing any handler of that name.
+    pub fn add_unary_handler(&self, name: &str, handler: UnaryHandler) -> Result<(), InvalidName> {
+        self.add_handler(name, Handler::Unary(handler))
+    }
+
+    /// Serves a stream handler under `name`, replacing any handler of that name.
+    pub fn add_stream_handler(&self, name: &str, handler: StreamHandler) -> Result<(), InvalidName> {
+        self.add_handler(name, Handler::Stream(handler))
+    }
+
+    fn add_handler(&self, name: &str, handler: Handler) -> Result<(), InvalidName> {
+        rpc::validate_name(name)?;
+        self.handlers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), handler);
+        Ok(())
+    }
+
+    /// Stops serving `name`; returns whether a handler was registered.
+    pub fn remove_handler(&self, name: &str) -> bool {
+        self.handlers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
+            .is_some()
+    }
+
+    async fn open_stream(&self, peer: PeerId, name: &str) -> Result<Stream, CallError> {
+        let name = name.to_owned();
+        Ok(self
+            .request(|reply| Command::OpenStream { peer, name, reply })
+            .await
+            .ok_or(CallError::Shutdown)??)
+    }
+
+    /// Calls unary handler `name` on `peer` (dialing it if needed) and returns its response bytes.
+    ///
+    /// Requests whose envelope exceeds 4 MiB are refused before anything is sent. Dropping the future
+    /// cancels the call (the stream is reset).
+    pub async fn call_unary(
+        &self,
+        peer: PeerId,
+        name: &str,
+        request: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        rpc::validate_name(name)?;
+        let call_id = Bytes::copy_from_slice(&rand::random::<[u8; 16]>());
+        let envelope = wire::encode_unary_call(call_id.clone(), Bytes::from(peer.to_bytes()), name, request)
+            .map_err(CallError::Refused)?;
+        let _permit = self.limits.acquire(peer)?;
+        tokio::time::timeout(timeout, async {
+            let mut stream = self.open_stream(peer, name).await?;
+            stream.write_all(&envelope).await?;
+            stream.flush().await?;
+            drop(envelope);
+            let reply = rpc::read_envelope(&mut stream, wire::MAX_UNARY_ENVELOPE).await?;
+            let _ = stream.close().await;
+            let (id, result) = wire::decode_unary_response(&reply).map_err(ReadError::from)?;
+            if id != call_id {
+                return Err(CallError::CallIdMismatch);
+            }
+            result.map_err(CallError::Remote)
+        })
+        .await
+        .map_err(|_| CallError::Timeout)?
+    }
+
+    /// Calls stream handler `name` on `peer`: sends `requests` as message frames then the end-of-stream
+    /// frame, and returns the responses. `timeout` bounds opening the stream and each wait for a
+    /// response frame; an error frame ends the responses with [`CallError::Remote`]. Dropping the
+    /// returned stream cancels the call.
+    pub async fn call_stream(
+        &self,
+        peer: PeerId,
+        name: &str,
+        requests: BoxStream<'static, Bytes>,
+        timeout: Duration,
+    ) -> Result<BoxStream<'static, Result<Bytes, CallError>>, CallError> {
+        rpc::validate_name(name)?;
+        let permit = self.limits.acquire(peer)?;
+        let stream = tokio::time::timeout(timeout, self.open_stream(peer, name))
+            .await
+            .map_err(|_| CallError::Timeout)??;
+        let (read, mut write) = stream.split();
+        let writer = tokio::spawn(async move {
+            let mut requests = requests;
+            while let Some(message) = requests.next().await {
+                write.write_all(&rpc::message_frame(&message)).await?;
+            }
+            write.write_all(&END_OF_STREAM).await?;
+            write.flush().await?;
+            Ok::<_, std::io::Error>(write)
+        });
+        let state = StreamCall {
+            read,
+            _permit: permit,
+            _writer: AbortOnDrop(writer),
+            max_frame: self.max_stream_frame,
+            timeout,
+        };
+        Ok(futures::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            let frame =
+                tokio::time::timeout(state.timeout, rpc::read_frame(&mut state.read, state.max_frame)).await;
+            match frame {
+                Err(_) => Some((Err(CallError::Timeout), None)),
+                Ok(Ok(Some(Frame::Message(m)))) => Some((Ok(m), Some(state))),
+                Ok(Ok(Some(Frame::Error(e)))) => Some((Err(CallError::Remote(e)), None)),
+                Ok(Ok(None)) => None,
+                Ok(Err(e)) => Some((Err(CallError::Reply(e)), None)),
+            }
+        })
+        .boxed())
+    }
+}
+
+struct StreamCall {
+    read: futures::io::ReadHalf<Stream>,
+    _permit: CallPermit,
+    _writer: AbortOnDrop,
+    max_frame: u64,
+    timeout: Duration,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<std::io::Result<futures::io::WriteHalf<Stream>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type FindReply = oneshot::Sender<Result<Vec<Multiaddr>, HostError>>;
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    handlers: Names,
+    inbound: Arc<Semaphore>,
+    max_stream_frame: u64,
+    addrs_tx: watch::Sender<Vec<Multiaddr>>,
+    peers_tx: watch::Sender<Vec<PeerId>>,
+    listens: HashMap<ListenerId, oneshot::Sender<Result<Multiaddr, HostError>>>,
+    dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, HostError>>)>,
+    finds: HashMap<kad::QueryId, (PeerId, FindReply)>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        let _ = reply.send(());
+                        break;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+            }
+        }
+        tracing::debug!("p2p event loop stopped");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Listen { addr, reply } => match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    self.listens.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(HostError::Listen {
+                        addr,
+                        reason: e.to_string(),
+                    }));
+                }
+            },
+            Command::Dial { addr, reply } => {
+                let peer = match addr.iter().last() {
+                    Some(Protocol::P2p(peer)) => Some(peer),
+                    _ => None,
+                };
+                let opts = match peer {
+                    Some(peer) if self.swarm.is_connected(&peer) => {
+                        let _ = reply.send(Ok(peer));
+                        return;
+                    }
+                    Some(peer) => {
+                        let mut bare = addr.clone();
+                        bare.pop();
+                        self.swarm.behaviour_mut().kad.add_address(&peer, bare);
+                        DialOpts::peer_id(peer).addresses(vec![addr.clone()]).build()
+                    }
+                    None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                };
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(id, (addr, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(HostError::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::AddAddress { peer, addr } => {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
+            Command::OpenStream { peer, name, reply } => {
+                self.swarm.behaviour_mut().rpc.open_stream(peer, name, reply);
+            }
+            Command::FindPeer { peer, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.finds.insert(id, (peer, reply));
+            }
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn publish_peers(&self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        self.peers_tx.send_replace(peers);
+    }
+
+    fn publish_addrs(&self) {
+        let addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+        self.addrs_tx.send_replace(addrs);
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(behaviour::Event::Inbound { peer, name, stream })) => {
+                self.serve(peer, name, stream);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            })) => {
+                let Some((peer, _)) = self.finds.get(&id) else {
+                    return;
+                };
+                let peer = *peer;
+                let found = match &result {
+                    Ok(ok) => ok
+                        .peers
+                        .iter()
+                        .find(|p| p.peer_id == peer)
+                        .map(|p| p.addrs.clone()),
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => {
+                        peers.iter().find(|p| p.peer_id == peer).map(|p| p.addrs.clone())
+                    }
+                };
+                if found.is_some() || step.last {
+                    if let Some((_, reply)) = self.finds.remove(&id) {
+                        let _ = reply.send(found.ok_or(HostError::PeerNotFound(peer)));
+                    }
+                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        query.finish();
+                    }
+                }
+            }
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                tracing::info!(%address, "listening");
+                if let Some(reply) = self.listens.remove(&listener_id) {
+                    let _ = reply.send(Ok(address));
+                }
+                self.publish_addrs();
+            }
+            SwarmEvent::ExpiredListenAddr { .. } => self.publish_addrs(),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                addresses,
+            } => {
+                if let Some(reply) = self.listens.remove(&listener_id) {
+                    let _ = reply.send(Err(HostError::Listen {
+                        addr: addresses.first().cloned().unwrap_or_else(Multiaddr::empty),
+                        reason: format!("{reason:?}"),
+                    }));
+                }
+                self.publish_addrs();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some((_, reply)) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                self.publish_peers();
+            }
+            SwarmEvent::ConnectionClosed { .. } => self.publish_peers(),
+            SwarmEvent::OutgoingConnectionError {
+                connection_id, error, ..
+            } => {
+                if let Some((addr, reply)) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Err(HostError::Dial {
+                        addr,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn serve(&mut self, peer: PeerId, name: String, stream: Stream) {
+        let handler = self
+            .handlers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&name)
+            .cloned();
+        let Some(handler) = handler else {
+            tracing::debug!(%peer, %name, "handler removed; resetting the stream");
+            return;
+        };
+        let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, %name, "too many inbound calls; resetting the stream");
+            return;
+        };
+        let max_frame = self.max_stream_frame;
+        tokio::spawn(async move {
+            let result = match handler {
+                Handler::Unary(h) => rpc::serve_unary(stream, peer, h).await,
+                Handler::Stream(h) => rpc::serve_stream(stream, peer, h, max_frame).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, %name, error = %e, "inbound call failed");
+            }
+            drop(permit);
+        });
+    }
+}
