@@ -118,7 +118,7 @@ async def main():
     p.add_argument("--num_peers", type=int, default=16)
     p.add_argument("--initial_peers", type=int, default=4)
     p.add_argument("--random_seed", type=int, default=30)
-    p.add_argument("--num_threads", type=int, default=1)
+    p.add_argument("--num_threads", type=int, default=10)
     p.add_argument("--total_num_rounds", type=int, default=16)
     p.add_argument("--num_store_peers", type=int, default=8)
     p.add_argument("--num_get_peers", type=int, default=8)

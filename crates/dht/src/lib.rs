@@ -10,10 +10,14 @@
 //!   function of (sender, request, now), and client-side request builders and response readers.
 //! - [`traverse`]: hivemind's multi-query beam search `traverse_dht`, generic over how neighbours
 //!   are fetched.
+//! - [`node`]: hivemind's `DHTNode` over an Apiary p2p host: [`Dht::spawn`] serves `DHTProtocol`,
+//!   bootstraps, and returns a cloneable [`DhtHandle`] (`store`/`store_many`/`get`/`get_many`); one task
+//!   owns the [`protocol::ProtocolState`] and the blacklist, outgoing RPCs go through [`DhtRpc`].
 //!
-//! Time is always passed in (`now`, DHT time in UNIX seconds, as hivemind's `get_dht_time`), so
+//! Outside [`node`], time is always passed in (`now`, DHT time in UNIX seconds, as hivemind's `get_dht_time`), so
 //! everything here is deterministic and testable without clocks.
 
+pub mod node;
 pub mod protocol;
 pub mod routing;
 pub mod storage;
@@ -22,6 +26,7 @@ pub mod validation;
 
 mod config;
 pub use config::DhtConfig;
+pub use node::{Dht, DhtError, DhtHandle, DhtRpc, Found, P2pRpc, StoreEntry, get_dht_time};
 
 pub use apiary_wire::dhtid::DhtId;
 pub use libp2p_identity::PeerId;

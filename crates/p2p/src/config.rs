@@ -28,6 +28,96 @@ pub struct P2pConfig {
     pub max_stream_frame: u64,
     /// Capacity of the handle's command channel (default 256).
     pub command_capacity: usize,
+    /// The QUIC-v1 transport, for dialing and listening on `/udp/<port>/quic-v1` addresses (default on; it
+    /// costs nothing until such an address is listened on or dialed).
+    pub quic: bool,
+    /// The security protocols offered on TCP and relayed connections (default Noise, then TLS, as p2pd).
+    pub security: Security,
+    /// Addresses to announce as this host's external addresses from the start (default none), like
+    /// hivemind's `announce_maddrs`; a relay service needs at least one before it serves reservations.
+    pub external_addrs: Vec<Multiaddr>,
+    /// The circuit-relay v2 client: dial `/p2p-circuit` addresses and listen through a relay with
+    /// `<relay addr>/p2p/<relay id>/p2p-circuit` (default off).
+    pub relay_client: bool,
+    /// The circuit-relay v2 service (hop) for other peers, with these limits (default `None`: off). It only
+    /// serves once the host has a confirmed external address ([`P2pConfig::external_addrs`], AutoNAT).
+    pub relay_service: Option<RelayLimits>,
+    /// Direct connection upgrade through relay (hole punching) with DCUtR (default off; useful with
+    /// [`P2pConfig::relay_client`]).
+    pub dcutr: bool,
+    /// AutoNAT (v1, as p2pd's `-autonat`): probes this host's reachability through its peers and answers
+    /// their probes; the result comes out on [`crate::P2pHandle::reachability`] (default off: `Unknown`).
+    pub autonat: bool,
+    /// UPnP port mapping on the local gateway (default off).
+    pub upnp: bool,
+    /// Longest time an inbound unary call's handler may run before the caller gets an error reply
+    /// (default `None`: no limit beyond the caller's own timeout).
+    pub handler_timeout: Option<Duration>,
+}
+
+/// Which security protocols connections offer and accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Security {
+    /// Noise first, then TLS 1.3 (default; as p2pd with hivemind's default `tls=True`).
+    #[default]
+    NoiseAndTls,
+    /// Noise only.
+    Noise,
+    /// TLS 1.3 only.
+    Tls,
+}
+
+/// Limits of the circuit-relay v2 service. The defaults follow hivemind's p2pd relay service
+/// (maxReservations 128, maxCircuits 16 per peer, 4 GiB each way and 30 min per relayed connection), not
+/// libp2p's 128 KiB / 2 min, which reset ordinary hivemind calls. p2pd's 16 MiB buffer has no rust-libp2p
+/// counterpart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Reservations held at once (default 128).
+    pub max_reservations: usize,
+    /// Reservations one peer may hold (default 4).
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before the client renews it (default 1 h).
+    pub reservation_duration: Duration,
+    /// Relayed connections at once, all peers together (default 256; p2pd has no total).
+    pub max_circuits: usize,
+    /// Relayed connections per peer (default 16, p2pd's maxCircuits, which go-libp2p counts per peer).
+    pub max_circuits_per_peer: usize,
+    /// Longest life of one relayed connection (default 30 min).
+    pub max_circuit_duration: Duration,
+    /// Bytes one relayed connection may carry, both directions together as rust-libp2p counts them
+    /// (default 8 GiB: p2pd's 4 GiB in each direction; 0 means no limit).
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(60 * 60),
+            max_circuits: 256,
+            max_circuits_per_peer: 16,
+            max_circuit_duration: Duration::from_secs(30 * 60),
+            max_circuit_bytes: 8 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl RelayLimits {
+    /// The rust-libp2p relay configuration with these limits and libp2p's default rate limiters.
+    pub(crate) fn to_relay_config(&self) -> libp2p::relay::Config {
+        libp2p::relay::Config {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            reservation_duration: self.reservation_duration,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuit_bytes: self.max_circuit_bytes,
+            ..libp2p::relay::Config::default()
+        }
+    }
 }
 
 impl Default for P2pConfig {
@@ -43,6 +133,15 @@ impl Default for P2pConfig {
             max_inbound_calls: 1024,
             max_stream_frame: 16 * 1024 * 1024,
             command_capacity: 256,
+            quic: true,
+            security: Security::NoiseAndTls,
+            external_addrs: Vec::new(),
+            relay_client: false,
+            relay_service: None,
+            dcutr: false,
+            autonat: false,
+            upnp: false,
+            handler_timeout: None,
         }
     }
 }

@@ -11,9 +11,10 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::ListenerId;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Stream, Swarm, identify, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Stream, Swarm, autonat, dcutr, identify, ping, relay, upnp};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch};
 
 use crate::behaviour::{self, Names, OpenError};
@@ -26,6 +27,23 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
+    relay_client: Toggle<relay::client::Behaviour>,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: Toggle<dcutr::Behaviour>,
+    autonat: Toggle<autonat::Behaviour>,
+    upnp: Toggle<upnp::tokio::Behaviour>,
+}
+
+/// Whether other peers can dial this host, as AutoNAT finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reachability {
+    /// Not known (always so with AutoNAT off).
+    #[default]
+    Unknown,
+    /// Peers dialed this host back on one of its addresses.
+    Public,
+    /// Peers could not dial this host back: behind NAT or a firewall.
+    Private,
 }
 
 /// Why the host could not start or do what it was asked.
@@ -100,6 +118,9 @@ enum Command {
         peer: PeerId,
         addr: Multiaddr,
     },
+    AddExternalAddress {
+        addr: Multiaddr,
+    },
     OpenStream {
         peer: PeerId,
         name: String,
@@ -171,6 +192,8 @@ pub struct P2pHandle {
     limits: Arc<Limits>,
     max_stream_frame: u64,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    visible_addrs: watch::Receiver<Vec<Multiaddr>>,
+    reachability: watch::Receiver<Reachability>,
     peers: watch::Receiver<Vec<PeerId>>,
 }
 
@@ -189,39 +212,45 @@ impl Host {
         let handlers: Names = Arc::new(RwLock::new(HashMap::new()));
         let names = handlers.clone();
         let agent = config.agent_version.clone();
-        let kad_server = config.kad_server_mode;
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| HostError::Transport(e.to_string()))?
-            .with_behaviour(|key| {
-                let peer = key.public().to_peer_id();
-                let mut kad = kad::Behaviour::with_config(
-                    peer,
-                    MemoryStore::new(peer),
-                    kad::Config::new(kad::PROTOCOL_NAME),
-                );
-                kad.set_mode(Some(if kad_server {
-                    kad::Mode::Server
-                } else {
-                    kad::Mode::Client
-                }));
-                Behaviour {
-                    rpc: behaviour::Behaviour::new(names),
-                    identify: identify::Behaviour::new(
-                        identify::Config::new("ipfs/0.1.0".into(), key.public()).with_agent_version(agent),
-                    ),
-                    ping: ping::Behaviour::default(),
-                    kad,
-                }
-            })
-            .map_err(|e| HostError::Transport(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
-            .build();
+        let (transport, relay_client) = crate::transport::build(&keypair, &config)?;
+        let peer = keypair.public().to_peer_id();
+        let mut kad =
+            kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad::Config::new(kad::PROTOCOL_NAME));
+        kad.set_mode(Some(if config.kad_server_mode {
+            kad::Mode::Server
+        } else {
+            kad::Mode::Client
+        }));
+        let behaviour = Behaviour {
+            rpc: behaviour::Behaviour::new(names),
+            identify: identify::Behaviour::new(
+                identify::Config::new("ipfs/0.1.0".into(), keypair.public()).with_agent_version(agent),
+            ),
+            ping: ping::Behaviour::default(),
+            kad,
+            relay_client: relay_client.into(),
+            relay: config
+                .relay_service
+                .as_ref()
+                .map(|limits| relay::Behaviour::new(peer, limits.to_relay_config()))
+                .into(),
+            dcutr: config.dcutr.then(|| dcutr::Behaviour::new(peer)).into(),
+            autonat: config
+                .autonat
+                .then(|| autonat::Behaviour::new(peer, autonat::Config::default()))
+                .into(),
+            upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
+        };
+        let mut swarm = Swarm::new(
+            transport,
+            behaviour,
+            peer,
+            libp2p::swarm::Config::with_tokio_executor()
+                .with_idle_connection_timeout(config.idle_connection_timeout),
+        );
+        for addr in &config.external_addrs {
+            swarm.add_external_address(addr.clone());
+        }
         for addr in &config.listen_addrs {
             swarm.listen_on(addr.clone()).map_err(|e| HostError::Listen {
                 addr: addr.clone(),
@@ -230,6 +259,8 @@ impl Host {
         }
         let (commands, command_rx) = mpsc::channel(config.command_capacity.max(1));
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
+        let (visible_tx, visible_addrs) = watch::channel(Vec::new());
+        let (reachability_tx, reachability) = watch::channel(Reachability::Unknown);
         let (peers_tx, peers) = watch::channel(Vec::new());
         let handle = P2pHandle {
             commands,
@@ -243,6 +274,8 @@ impl Host {
             }),
             max_stream_frame: config.max_stream_frame,
             listen_addrs,
+            visible_addrs,
+            reachability,
             peers,
         };
         let event_loop = EventLoop {
@@ -252,6 +285,9 @@ impl Host {
             inbound: Arc::new(Semaphore::new(config.max_inbound_calls)),
             max_stream_frame: config.max_stream_frame,
             addrs_tx,
+            visible_tx,
+            reachability_tx,
+            handler_timeout: config.handler_timeout,
             peers_tx,
             listens: HashMap::new(),
             dials: HashMap::new(),
@@ -270,6 +306,18 @@ impl P2pHandle {
     /// The addresses this host listens on, as they change.
     pub fn listen_addrs(&self) -> watch::Receiver<Vec<Multiaddr>> {
         self.listen_addrs.clone()
+    }
+
+    /// The addresses other peers can use to reach this host, as they change: the listen addresses
+    /// (including relayed `/p2p-circuit` ones) and the confirmed or announced external addresses.
+    pub fn visible_addrs(&self) -> watch::Receiver<Vec<Multiaddr>> {
+        self.visible_addrs.clone()
+    }
+
+    /// Whether other peers can dial this host, as AutoNAT finds it ([`Reachability::Unknown`] with
+    /// AutoNAT off).
+    pub fn reachability(&self) -> watch::Receiver<Reachability> {
+        self.reachability.clone()
     }
 
     /// The peers with at least one open connection, as they change.
@@ -301,6 +349,15 @@ impl P2pHandle {
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), HostError> {
         self.commands
             .send(Command::AddAddress { peer, addr })
+            .await
+            .map_err(|_| HostError::Shutdown)
+    }
+
+    /// Announces `addr` as an external address of this host (as hivemind's `announce_maddrs`): identify
+    /// advertises it, and a relay service serves once it has one.
+    pub async fn add_external_address(&self, addr: Multiaddr) -> Result<(), HostError> {
+        self.commands
+            .send(Command::AddExternalAddress { addr })
             .await
             .map_err(|_| HostError::Shutdown)
     }
@@ -460,6 +517,9 @@ struct EventLoop {
     inbound: Arc<Semaphore>,
     max_stream_frame: u64,
     addrs_tx: watch::Sender<Vec<Multiaddr>>,
+    visible_tx: watch::Sender<Vec<Multiaddr>>,
+    reachability_tx: watch::Sender<Reachability>,
+    handler_timeout: Option<Duration>,
     peers_tx: watch::Sender<Vec<PeerId>>,
     listens: HashMap<ListenerId, oneshot::Sender<Result<Multiaddr, HostError>>>,
     dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, HostError>>)>,
@@ -531,6 +591,10 @@ impl EventLoop {
             Command::AddAddress { peer, addr } => {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr);
             }
+            Command::AddExternalAddress { addr } => {
+                self.swarm.add_external_address(addr);
+                self.publish_addrs();
+            }
             Command::OpenStream { peer, name, reply } => {
                 self.swarm.behaviour_mut().rpc.open_stream(peer, name, reply);
             }
@@ -549,7 +613,18 @@ impl EventLoop {
 
     fn publish_addrs(&self) {
         let addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+        let mut visible = addrs.clone();
+        for addr in self.swarm.external_addresses() {
+            if !visible.contains(addr) {
+                visible.push(addr.clone());
+            }
+        }
         self.addrs_tx.send_replace(addrs);
+        self.visible_tx.send_if_modified(|old| {
+            let changed = *old != visible;
+            *old = visible;
+            changed
+        });
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -586,6 +661,11 @@ impl EventLoop {
                         peers.iter().find(|p| p.peer_id == peer).map(|p| p.addrs.clone())
                     }
                 };
+                if let Some(addrs) = &found {
+                    for addr in addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    }
+                }
                 if found.is_some() || step.last {
                     if let Some((_, reply)) = self.finds.remove(&id) {
                         let _ = reply.send(found.ok_or(HostError::PeerNotFound(peer)));
@@ -602,7 +682,22 @@ impl EventLoop {
                 }
                 self.publish_addrs();
             }
-            SwarmEvent::ExpiredListenAddr { .. } => self.publish_addrs(),
+            SwarmEvent::ExpiredListenAddr { .. }
+            | SwarmEvent::ExternalAddrConfirmed { .. }
+            | SwarmEvent::ExternalAddrExpired { .. } => self.publish_addrs(),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => {
+                tracing::info!(status = ?new, "reachability changed");
+                self.reachability_tx.send_replace(match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                });
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => {
+                tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+            }
             SwarmEvent::ListenerClosed {
                 listener_id,
                 reason,
@@ -657,9 +752,10 @@ impl EventLoop {
             return;
         };
         let max_frame = self.max_stream_frame;
+        let timeout = self.handler_timeout;
         tokio::spawn(async move {
             let result = match handler {
-                Handler::Unary(h) => rpc::serve_unary(stream, peer, h).await,
+                Handler::Unary(h) => rpc::serve_unary(stream, peer, h, timeout).await,
                 Handler::Stream(h) => rpc::serve_stream(stream, peer, h, max_frame).await,
             };
             if let Err(e) = result {

@@ -25,7 +25,8 @@ pub fn decode(bytes: &[u8]) -> Result<Keypair, IdentityError> {
     Ok(Keypair::from_protobuf_encoding(bytes)?)
 }
 
-/// Encodes a private key in libp2p's protobuf format.
+/// Encodes a private key in libp2p's protobuf format. RSA keys (hivemind's) are refused: libp2p cannot
+/// export an RSA private key, so keep the file they were loaded from.
 pub fn encode(keypair: &Keypair) -> Result<Vec<u8>, IdentityError> {
     Ok(keypair.to_protobuf_encoding()?)
 }
@@ -39,7 +40,7 @@ pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
     decode(&bytes)
 }
 
-/// Saves an identity file (overwriting it).
+/// Saves an identity file (overwriting it); fails, writing nothing, for RSA keys ([`encode`]).
 pub fn save(keypair: &Keypair, path: &Path) -> Result<(), IdentityError> {
     std::fs::write(path, encode(keypair)?).map_err(|source| IdentityError::Io {
         path: path.display().to_string(),

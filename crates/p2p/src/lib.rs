@@ -1,19 +1,26 @@
 //! Apiary's libp2p host and hivemind's RPC protocol.
 //!
-//! [`Host::spawn`] builds a swarm (TCP; Noise; yamux; identify, ping, Kademlia on
-//! `/ipfs/kad/1.0.0` for peer routing; the hivemind RPC behaviour) and runs it in one task; everything
-//! else talks to it through a cloneable [`P2pHandle`]. hivemind handlers are served and called by name
+//! [`Host::spawn`] builds a swarm (TCP and QUIC-v1; Noise and TLS; yamux; identify, ping, Kademlia on
+//! `/ipfs/kad/1.0.0` for peer routing; optional relay v2 client and service, DCUtR, AutoNAT, UPnP; the
+//! hivemind RPC behaviour) and runs it in one task; everything else talks to it through a cloneable
+//! [`P2pHandle`]. hivemind handlers are served and called by name
 //! (`Class.rpc_method`, optionally `namespace::`-prefixed) with hivemind's unary envelope or stream
 //! framing, byte-compatible with hivemind 1.1.12's p2pd.
+//!
+//! [`P2pConfig`] switches the optional parts: QUIC-v1 and Noise-then-TLS are on by default (they cost
+//! nothing until used); the relay v2 client and service ([`RelayLimits`], p2pd's limits), DCUtR, AutoNAT
+//! and UPnP are off. [`P2pHandle::visible_addrs`] and [`P2pHandle::reachability`] publish how peers can
+//! reach the host.
 
 pub mod behaviour;
 mod config;
 mod host;
 pub mod identity;
 pub mod rpc;
+mod transport;
 
 pub use behaviour::OpenError;
-pub use config::P2pConfig;
-pub use host::{CallError, Host, HostError, P2pHandle};
-pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
+pub use config::{P2pConfig, RelayLimits, Security};
+pub use host::{CallError, Host, HostError, P2pHandle, Reachability};
+pub use libp2p::{Multiaddr, PeerId, identity::Keypair, multiaddr::Protocol};
 pub use rpc::{Handler, InvalidName, StreamHandler, UnaryHandler, validate_name};

@@ -3,11 +3,12 @@
 //! while reading, and the handler types.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use apiary_wire::proto::p2pd;
 use apiary_wire::rpc::{self as wire, FRAME_HEADER_LEN, FrameHeader, FrameKind, MESSAGE_MARKER, RpcError};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use futures::stream::BoxStream;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
@@ -141,15 +142,55 @@ pub enum ReadError {
     Eof,
 }
 
-/// Serves one inbound unary call: one envelope in, one reply envelope out.
-pub(crate) async fn serve_unary<S>(mut io: S, peer: PeerId, handler: UnaryHandler) -> Result<(), ReadError>
+/// Serves one inbound unary call: one envelope in, one reply envelope out. The handler gets at most
+/// `timeout` (an error reply after it) and is dropped, cancelling it, if the caller resets the stream.
+pub(crate) async fn serve_unary<S>(
+    mut io: S,
+    peer: PeerId,
+    handler: UnaryHandler,
+    timeout: Option<Duration>,
+) -> Result<(), ReadError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let envelope = read_envelope(&mut io, wire::MAX_UNARY_ENVELOPE).await?;
     let call = wire::decode_unary_call(&envelope)?;
     drop(envelope);
-    let result = handler(peer, call.data).await;
+    let work = handler(peer, call.data);
+    let work = async move {
+        match timeout {
+            Some(t) => tokio::time::timeout(t, work)
+                .await
+                .unwrap_or_else(|_| Err(format!("handler timed out after {t:?}"))),
+            None => work.await,
+        }
+    };
+    // Anything but a reset from the caller (a half-close, stray bytes) leaves the handler running.
+    let result = {
+        let reset = async {
+            let mut byte = [0u8; 1];
+            loop {
+                match io.read(&mut byte).await {
+                    Err(e) => return e,
+                    // yamux reads a reset as the end of the stream; only a write tells it from the
+                    // caller's half-close (an empty write puts nothing on the wire but an empty frame).
+                    Ok(0) => match io.write(&[]).await {
+                        Err(e) => return e,
+                        Ok(_) => std::future::pending::<()>().await,
+                    },
+                    Ok(_) => {}
+                }
+            }
+        };
+        futures::pin_mut!(work, reset);
+        match futures::future::select(work, reset).await {
+            Either::Left((result, _)) => result,
+            Either::Right((error, _)) => {
+                tracing::debug!(%peer, %error, "caller went away; handler cancelled");
+                return Err(ReadError::Io(error));
+            }
+        }
+    };
     let reply = match wire::encode_unary_response(call.call_id.clone(), result) {
         Ok(reply) => reply,
         Err(e) => wire::encode_unary_response(call.call_id, Err(format!("response refused: {e}")))?,

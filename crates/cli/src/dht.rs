@@ -1,0 +1,223 @@
+//! `apiary dht`: a DHT node that real hivemind peers accept (like `hivemind-dht`), and one-shot
+//! `apiary dht get` / `apiary dht store`.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use apiary_dht::{Dht, DhtConfig, DhtHandle, Found};
+use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol, RelayLimits};
+use apiary_wire::msgpack::Value;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::json::{key_string, parse, to_json};
+use crate::output::Output;
+
+#[derive(Debug, Args)]
+pub struct DhtArgs {
+    #[command(subcommand)]
+    command: Option<DhtCommand>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum DhtCommand {
+    /// Get the latest value of KEY and print `{"found", "kind", "value", "expiration"}`.
+    Get {
+        /// The key (a string, as hivemind's `dht.get(key)`).
+        key: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Store VALUE under KEY (and SUBKEY) and print `{"ok"}`.
+    Store {
+        /// The key (a string).
+        key: String,
+        /// The value as JSON; `{"tuple": [...]}` is a msgpack tuple, `{"bytes": "<hex>"}` bytes.
+        value: String,
+        /// A sub-key, as JSON: the value joins a dictionary under KEY.
+        #[arg(long)]
+        subkey: Option<String>,
+        /// Seconds until the value expires.
+        #[arg(long, default_value_t = 60.0)]
+        ttl: f64,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+/// Node options, named as in hivemind's `hivemind-dht`.
+#[derive(Debug, Args, Clone)]
+struct NodeArgs {
+    /// Multiaddrs to listen on.
+    #[arg(long, num_args = 1.., default_value = "/ip4/0.0.0.0/tcp/0")]
+    host_maddrs: Vec<Multiaddr>,
+    /// Multiaddrs to announce instead of the listening ones (explicit ports).
+    #[arg(long, num_args = 1..)]
+    announce_maddrs: Vec<Multiaddr>,
+    /// Full multiaddrs (with /p2p/<peer id>) of peers to bootstrap from.
+    #[arg(long, num_args = 1..)]
+    initial_peers: Vec<Multiaddr>,
+    /// The node's private key in libp2p's protobuf format (hivemind's identity files too); created when
+    /// missing.
+    #[arg(long)]
+    identity_path: Option<PathBuf>,
+    /// Take no incoming DHT requests and stay out of others' routing tables (for firewalled peers).
+    #[arg(long)]
+    client_mode: bool,
+    /// Dial peers through circuit relays and relay for others (libp2p circuit relay v2, client and
+    /// service), as hivemind's `use_relay`.
+    #[arg(long)]
+    use_relay: bool,
+    /// Become reachable through relays: reserve a circuit on each trusted relay (default: the initial
+    /// peers), as hivemind's `use_auto_relay` with `trusted_relays`. Implies --use-relay.
+    #[arg(long)]
+    use_auto_relay: bool,
+    /// Full multiaddrs of relays to reserve circuits on with --use-auto-relay.
+    #[arg(long, num_args = 1..)]
+    trusted_relays: Vec<Multiaddr>,
+}
+
+pub async fn run(args: DhtArgs, out: &Output) -> Result<()> {
+    match args.command {
+        None => serve(args.node, out).await,
+        Some(DhtCommand::Get { key, node }) => {
+            let (p2p, dht) = start(&node, true).await?;
+            let found = dht.get(Value::Str(key), true).await.context("get failed")?;
+            out.result(found_json(found.as_ref()));
+            dht.shutdown().await;
+            p2p.shutdown().await;
+            Ok(())
+        }
+        Some(DhtCommand::Store {
+            key,
+            value,
+            subkey,
+            ttl,
+            node,
+        }) => {
+            let value = parse(&value).context("VALUE")?;
+            let subkey = subkey.as_deref().map(parse).transpose().context("--subkey")?;
+            let (p2p, dht) = start(&node, true).await?;
+            let ok = dht
+                .store(Value::Str(key), value, now() + ttl, subkey)
+                .await
+                .context("store failed")?;
+            out.result(json!({ "ok": ok }));
+            dht.shutdown().await;
+            p2p.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(node: NodeArgs, out: &Output) -> Result<()> {
+    let (p2p, dht) = start(&node, node.client_mode).await?;
+    let maddrs = visible_maddrs(&p2p, &node).await;
+    tracing::info!(peer_id = %p2p.local_peer_id(), "DHT node running; Ctrl-C to stop");
+    out.ready(
+        &p2p.local_peer_id().to_string(),
+        &maddrs,
+        json!({ "node_id": dht.node_id().to_string() }),
+    );
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    dht.shutdown().await;
+    p2p.shutdown().await;
+    Ok(())
+}
+
+async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
+    let keypair = match &node.identity_path {
+        Some(path) if path.exists() => Some(
+            apiary_p2p::identity::load(path).with_context(|| format!("identity file {}", path.display()))?,
+        ),
+        Some(path) => {
+            let keypair = apiary_p2p::Keypair::generate_ed25519();
+            apiary_p2p::identity::save(&keypair, path)
+                .with_context(|| format!("writing identity file {}", path.display()))?;
+            Some(keypair)
+        }
+        None => None,
+    };
+    let relay = node.use_relay || node.use_auto_relay;
+    let config = P2pConfig {
+        keypair,
+        listen_addrs: node.host_maddrs.clone(),
+        external_addrs: node.announce_maddrs.clone(),
+        relay_client: relay,
+        relay_service: relay.then(RelayLimits::default),
+        ..P2pConfig::default()
+    };
+    let (p2p, _task) = Host::spawn(config).context("could not start the libp2p host")?;
+    if node.use_auto_relay {
+        let relays = if node.trusted_relays.is_empty() {
+            &node.initial_peers
+        } else {
+            &node.trusted_relays
+        };
+        for relay in relays {
+            let circuit = relay.clone().with(Protocol::P2pCircuit);
+            match p2p.listen(circuit.clone()).await {
+                Ok(addr) => tracing::info!(%addr, "reserved a relay circuit"),
+                Err(e) => tracing::warn!(%circuit, "could not reserve a relay circuit: {e}"),
+            }
+        }
+    }
+    let mut config = DhtConfig::default();
+    config.client_mode = client_mode;
+    let dht = Dht::spawn(p2p.clone(), config, node.initial_peers.clone())
+        .await
+        .context("could not join the DHT")?;
+    Ok((p2p, dht))
+}
+
+/// Full `/p2p/` multiaddrs others can dial: the announced ones, else the listening ones.
+async fn visible_maddrs(p2p: &P2pHandle, node: &NodeArgs) -> Vec<String> {
+    let id = p2p.local_peer_id();
+    if !node.announce_maddrs.is_empty() {
+        return node
+            .announce_maddrs
+            .iter()
+            .map(|a| format!("{a}/p2p/{id}"))
+            .collect();
+    }
+    let mut visible = p2p.visible_addrs();
+    // Listeners come up asynchronously: wait briefly for the first address.
+    let _ = tokio::time::timeout(Duration::from_secs(5), visible.wait_for(|a| !a.is_empty())).await;
+    let addrs = visible.borrow().clone();
+    addrs
+        .iter()
+        .map(|a| {
+            if a.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                a.to_string()
+            } else {
+                format!("{a}/p2p/{id}")
+            }
+        })
+        .collect()
+}
+
+fn found_json(found: Option<&Found>) -> serde_json::Value {
+    match found {
+        None => json!({ "found": false }),
+        Some(Found::Regular { value, expiration }) => {
+            json!({ "found": true, "kind": "regular", "value": to_json(value), "expiration": expiration })
+        }
+        Some(Found::Dictionary { entries, expiration }) => {
+            let value: serde_json::Map<String, serde_json::Value> = entries
+                .iter()
+                .map(|(subkey, value, _)| (key_string(subkey), to_json(value)))
+                .collect();
+            json!({ "found": true, "kind": "dictionary", "value": value, "expiration": expiration })
+        }
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

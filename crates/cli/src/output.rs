@@ -1,0 +1,44 @@
+//! stdout for machines (`--json`) or for people; everything else goes to stderr.
+
+#![allow(clippy::print_stdout)]
+
+use serde_json::{Value as Json, json};
+
+/// Where a command's results go.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    json: bool,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    /// The one `ready` line of a long-running command (`--json`), or its addresses one per line.
+    pub fn ready(&self, peer_id: &str, maddrs: &[String], extra: Json) {
+        if self.json {
+            let mut line = json!({ "event": "ready", "peer_id": peer_id, "maddrs": maddrs });
+            if let (Some(line), Json::Object(extra)) = (line.as_object_mut(), extra) {
+                line.extend(extra);
+            }
+            println!("{line}");
+        } else {
+            for maddr in maddrs {
+                println!("{maddr}");
+            }
+        }
+    }
+
+    /// The result of a one-shot command: one JSON line, or pretty JSON for people.
+    pub fn result(&self, value: Json) {
+        if self.json {
+            println!("{value}");
+        } else {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string())
+            );
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The host's transports, security choices, relay, reachability, peer routing and server-side handler
+//! limits, with Apiary hosts on 127.0.0.1.
+
+#![allow(clippy::unwrap_used)] // test helpers as well as tests
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use apiary_p2p::{
+    CallError, Host, Multiaddr, P2pConfig, P2pHandle, Reachability, RelayLimits, Security, UnaryHandler,
+};
+use bytes::Bytes;
+use futures::FutureExt;
+use libp2p::multiaddr::Protocol;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn host_on(config: P2pConfig, listen: &str) -> (P2pHandle, Multiaddr) {
+    let (handle, _task) = Host::spawn(config).unwrap();
+    let addr = handle.listen(listen.parse().unwrap()).await.unwrap();
+    (handle, addr)
+}
+
+fn echo() -> UnaryHandler {
+    Arc::new(|peer, bytes: Bytes| {
+        async move {
+            let mut out = peer.to_bytes();
+            out.extend_from_slice(&bytes);
+            Ok(Bytes::from(out))
+        }
+        .boxed()
+    })
+}
+
+/// Calls `Echo.rpc_echo` on `server` from `client` and checks the reply names the client.
+async fn check_echo(client: &P2pHandle, server: &P2pHandle) {
+    let reply = client
+        .call_unary(
+            server.local_peer_id(),
+            "Echo.rpc_echo",
+            Bytes::from_static(b"hi"),
+            T,
+        )
+        .await
+        .unwrap();
+    let mut expected = client.local_peer_id().to_bytes();
+    expected.extend_from_slice(b"hi");
+    assert_eq!(reply.as_ref(), expected.as_slice());
+}
+
+#[tokio::test]
+async fn quic_v1_between_two_hosts() {
+    let (server, addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/udp/0/quic-v1").await;
+    assert!(addr.iter().any(|p| p == Protocol::QuicV1), "{addr}");
+    server.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    let (client, _) = Host::spawn(P2pConfig::default()).unwrap();
+    let full = addr.with_p2p(server.local_peer_id()).unwrap();
+    assert_eq!(client.dial(full).await.unwrap(), server.local_peer_id());
+    check_echo(&client, &server).await;
+    // QUIC off: the address cannot be listened on.
+    let (no_quic, _) = Host::spawn(P2pConfig {
+        quic: false,
+        ..P2pConfig::default()
+    })
+    .unwrap();
+    assert!(
+        no_quic
+            .listen("/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn security_choices() {
+    let tls_only = || P2pConfig {
+        security: Security::Tls,
+        ..P2pConfig::default()
+    };
+    let noise_only = || P2pConfig {
+        security: Security::Noise,
+        ..P2pConfig::default()
+    };
+    // TLS-only server: a TLS-only client and a default (Noise, then TLS) client both get through.
+    let (server, addr) = host_on(tls_only(), "/ip4/127.0.0.1/tcp/0").await;
+    server.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    let full = addr.with_p2p(server.local_peer_id()).unwrap();
+    for config in [tls_only(), P2pConfig::default()] {
+        let (client, _) = Host::spawn(config).unwrap();
+        client.dial(full.clone()).await.unwrap();
+        check_echo(&client, &server).await;
+    }
+    // A Noise-only client shares no security protocol with a TLS-only server.
+    let (client, _) = Host::spawn(noise_only()).unwrap();
+    assert!(client.dial(full).await.is_err());
+}
+
+#[tokio::test]
+async fn call_through_a_relay() {
+    // A: the relay, announcing its loopback address as external (a relay serves only with one).
+    let relay_config = P2pConfig {
+        relay_service: Some(RelayLimits::default()),
+        ..P2pConfig::default()
+    };
+    let (relay, relay_addr) = host_on(relay_config, "/ip4/127.0.0.1/tcp/0").await;
+    relay.add_external_address(relay_addr.clone()).await.unwrap();
+    let relay_full = relay_addr.with_p2p(relay.local_peer_id()).unwrap();
+
+    // B: listens only through the relay.
+    let client_config = || P2pConfig {
+        relay_client: true,
+        ..P2pConfig::default()
+    };
+    let (b, _) = Host::spawn(client_config()).unwrap();
+    b.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    let circuit = relay_full.clone().with(Protocol::P2pCircuit);
+    let listened = b.listen(circuit).await.unwrap();
+    assert!(listened.iter().any(|p| p == Protocol::P2pCircuit), "{listened}");
+    let mut visible = b.visible_addrs();
+    tokio::time::timeout(
+        T,
+        visible.wait_for(|a| a.iter().any(|a| a.iter().any(|p| p == Protocol::P2pCircuit))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    // C: dials B by its relayed address and calls it.
+    let (c, _) = Host::spawn(client_config()).unwrap();
+    let b_via_relay = relay_full
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(b.local_peer_id()));
+    assert_eq!(c.dial(b_via_relay).await.unwrap(), b.local_peer_id());
+    check_echo(&c, &b).await;
+    assert!(c.connected_peers().borrow().contains(&b.local_peer_id()));
+    // 1 MiB each way: past libp2p's default 128 KiB per circuit, within the relay's explicit limits.
+    let big = Bytes::from(vec![7u8; 1024 * 1024]);
+    let reply = c
+        .call_unary(b.local_peer_id(), "Echo.rpc_echo", big.clone(), T)
+        .await
+        .unwrap();
+    assert!(reply.ends_with(&big));
+}
+
+#[test]
+fn optional_parts_default_off() {
+    let config = P2pConfig::default();
+    assert!(config.quic);
+    assert_eq!(config.security, Security::NoiseAndTls);
+    assert!(!config.relay_client && config.relay_service.is_none());
+    assert!(!config.dcutr && !config.autonat && !config.upnp);
+    let limits = RelayLimits::default();
+    assert_eq!((limits.max_reservations, limits.max_circuits_per_peer), (128, 16));
+    assert_eq!(limits.max_circuit_duration, Duration::from_secs(30 * 60));
+    assert!(limits.max_circuit_bytes >= 4 << 30);
+}
+
+#[tokio::test]
+async fn reachability_and_visible_addrs() {
+    let (plain, addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    assert_eq!(*plain.reachability().borrow(), Reachability::Unknown);
+    assert_eq!(*plain.visible_addrs().borrow(), vec![addr.clone()]);
+    let announced: Multiaddr = "/ip4/203.0.113.7/tcp/4001".parse().unwrap();
+    plain.add_external_address(announced.clone()).await.unwrap();
+    let mut visible = plain.visible_addrs();
+    let now = tokio::time::timeout(T, visible.wait_for(|a| a.contains(&announced)))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    assert!(now.contains(&addr));
+    assert_eq!(*plain.listen_addrs().borrow(), vec![addr]);
+
+    // The optional behaviours (all but UPnP, which would touch a real gateway) on at once build and serve
+    // calls; on loopback AutoNAT stays Unknown.
+    let everything = P2pConfig {
+        relay_client: true,
+        relay_service: Some(RelayLimits::default()),
+        dcutr: true,
+        autonat: true,
+        external_addrs: vec![announced],
+        ..P2pConfig::default()
+    };
+    let (full, full_addr) = host_on(everything, "/ip4/127.0.0.1/tcp/0").await;
+    full.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    assert_eq!(*full.reachability().borrow(), Reachability::Unknown);
+    plain
+        .dial(full_addr.with_p2p(full.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    check_echo(&plain, &full).await;
+}
+
+#[tokio::test]
+async fn find_peer_through_kademlia() {
+    let (a, a_addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    let (b, b_addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    let (c, _) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    b.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    // A knows B (a connection, so B is in A's routing table); C knows only A.
+    a.dial(b_addr.clone().with_p2p(b.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    c.dial(a_addr.with_p2p(a.local_peer_id()).unwrap()).await.unwrap();
+    let found = c.find_peer(b.local_peer_id()).await.unwrap();
+    let bare: Vec<Multiaddr> = found
+        .iter()
+        .map(|a| {
+            let mut a = a.clone();
+            if let Some(Protocol::P2p(_)) = a.iter().last() {
+                a.pop();
+            }
+            a
+        })
+        .collect();
+    assert!(bare.contains(&b_addr), "{found:?} lacks {b_addr}");
+    check_echo(&c, &b).await;
+}
+
+#[tokio::test]
+async fn handler_timeout_and_cancellation() {
+    let config = P2pConfig {
+        handler_timeout: Some(Duration::from_millis(300)),
+        ..P2pConfig::default()
+    };
+    let (server, addr) = host_on(config, "/ip4/127.0.0.1/tcp/0").await;
+    let finished = Arc::new(AtomicBool::new(false));
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(4);
+    let done = finished.clone();
+    let slow: UnaryHandler = Arc::new(move |_peer, bytes: Bytes| {
+        let done = done.clone();
+        let started = started_tx.clone();
+        async move {
+            let _ = started.send(()).await;
+            let wait = if bytes.as_ref() == b"long" { 3 } else { 60 };
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            done.store(true, Ordering::SeqCst);
+            Ok(bytes)
+        }
+        .boxed()
+    });
+    server.add_unary_handler("Slow.rpc_wait", slow).unwrap();
+    let (client, _) = Host::spawn(P2pConfig::default()).unwrap();
+    client
+        .dial(addr.with_p2p(server.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    let peer = server.local_peer_id();
+    match client
+        .call_unary(peer, "Slow.rpc_wait", Bytes::from_static(b"x"), T)
+        .await
+    {
+        Err(CallError::Remote(text)) => assert!(text.contains("timed out"), "{text}"),
+        other => panic!("expected the server's timeout, got {other:?}"),
+    }
+    started_rx.recv().await.unwrap();
+
+    // Without a server timeout, the caller giving up cancels the handler: it never finishes.
+    let (server, addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    let done = finished.clone();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(4);
+    let slow: UnaryHandler = Arc::new(move |_peer, bytes: Bytes| {
+        let done = done.clone();
+        let started = started_tx.clone();
+        async move {
+            let _ = started.send(()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            done.store(true, Ordering::SeqCst);
+            Ok(bytes)
+        }
+        .boxed()
+    });
+    server.add_unary_handler("Slow.rpc_wait", slow).unwrap();
+    client
+        .dial(addr.with_p2p(server.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    let call = client.call_unary(
+        server.local_peer_id(),
+        "Slow.rpc_wait",
+        Bytes::from_static(b"x"),
+        Duration::from_millis(500),
+    );
+    assert!(matches!(call.await, Err(CallError::Timeout)));
+    started_rx.recv().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !finished.load(Ordering::SeqCst),
+        "the handler ran to completion after its caller went away"
+    );
+}
