@@ -7,8 +7,14 @@
 //! lines; this prints a markdown table and writes it to `target/bench/tensor-codecs.md`.
 //!
 //! ```text
-//! cargo xtask bench [--iters 30] [--size 10000000]
+//! cargo xtask bench [codecs] [--iters 30] [--size 10000000]
+//! cargo xtask bench dht [ARGS of `apiary bench dht`]
 //! ```
+//!
+//! `bench dht` runs `apiary bench dht` (release) and `tests/interop/bench_dht.py` (hivemind's
+//! `benchmark_dht.py` measure) with the same parameters, by default the issue's
+//! `--num-peers 64 --initial-peers 4 --total-num-rounds 8 --num-store-peers 8 --num-get-peers 8
+//! --failure-rate 0.1`, and prints the side-by-side table (also `target/bench/dht.md`).
 
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
@@ -37,6 +43,14 @@ struct Measure {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("dht") => dht(&args[1..]),
+        Some("codecs") => codecs(&args[1..]),
+        _ => codecs(args),
+    }
+}
+
+fn codecs(args: &[String]) -> Result<()> {
     let (mut iters, mut size) = (30usize, 10_000_000usize);
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -236,6 +250,122 @@ fn table(
         t,
         "- Slowest codec ratio (NONE zero-copy excluded): {worst:.1}× with recycled output buffers (a node \
          serializing every step), {worst_fresh:.1}× with a fresh allocation per output (target ≥ 3×)."
+    )?;
+    Ok(t)
+}
+
+/// The issue's parameters of hivemind's `benchmark_dht.py` run, used when none are given.
+const DHT_DEFAULTS: &[&str] = &[
+    "--num_peers",
+    "64",
+    "--initial_peers",
+    "4",
+    "--total_num_rounds",
+    "8",
+    "--num_store_peers",
+    "8",
+    "--num_get_peers",
+    "8",
+    "--failure_rate",
+    "0.1",
+];
+
+fn dht(args: &[String]) -> Result<()> {
+    let params: Vec<String> = if args.is_empty() {
+        DHT_DEFAULTS.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        // hivemind's script takes snake_case; `apiary bench dht` takes both.
+        args.iter()
+            .map(|a| {
+                if a.starts_with("--") {
+                    a.replace('-', "_").replacen("__", "--", 1)
+                } else {
+                    a.clone()
+                }
+            })
+            .collect()
+    };
+    let env = setup::all()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    step(
+        "build the apiary binary (release)",
+        Command::new(&cargo).args(["build", "--release", "--quiet", "-p", "apiary-cli"]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), Into::into);
+    let apiary = one_json(
+        "Apiary: all DHT nodes in one process",
+        Command::new(target.join("release/apiary"))
+            .args(["--json", "-q", "bench", "dht"])
+            .args(&params),
+    )?;
+    let hivemind = one_json(
+        "hivemind 1.1.12: benchmark_dht.py's measure through hivemind's API",
+        Command::new(&env.hivemind_python)
+            .arg(root().join("tests/interop/bench_dht.py"))
+            .args(&params),
+    )?;
+    let report = dht_table(&apiary, &hivemind, &params)?;
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("dht.md");
+    std::fs::write(&file, &report).with_context(|| format!("writing {}", file.display()))?;
+    print_report(&report);
+    eprintln!("xtask: table written to {}", file.display());
+    Ok(())
+}
+
+/// Runs a command whose stdout ends with one JSON result line.
+fn one_json(why: &str, cmd: &mut Command) -> Result<Value> {
+    eprintln!("\n==> {why}\n    $ {}", show(cmd));
+    let out = cmd
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{}`", show(cmd)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", show(cmd), out.status);
+    }
+    let text = String::from_utf8(out.stdout).context("benchmark output is not UTF-8")?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON result line")?;
+    serde_json::from_str(line).with_context(|| format!("bad result line {line:?}"))
+}
+
+fn dht_table(apiary: &Value, hivemind: &Value, params: &[String]) -> Result<String> {
+    let num = |v: &Value, k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {v}"));
+    let mut t = String::new();
+    writeln!(
+        t,
+        "## DHT: hivemind's benchmark_dht.py measure (`{}`)\n",
+        params.join(" ")
+    )?;
+    writeln!(
+        t,
+        "| measure | Apiary | hivemind 1.1.12 | hivemind / Apiary | target |"
+    )?;
+    writeln!(t, "|---|---|---|---|---|")?;
+    for (label, key, target) in [
+        ("create all peers (s)", "create_s", "≥ 10×"),
+        ("store round, mean (s)", "store_round_mean_s", "≥ 4×"),
+        ("get round, mean (s)", "get_round_mean_s", "≥ 4×"),
+    ] {
+        let (a, h) = (num(apiary, key)?, num(hivemind, key)?);
+        writeln!(t, "| {label} | {a:.3} | {h:.3} | {:.1}× | {target} |", h / a)?;
+    }
+    for (label, key) in [("store success", "store_success"), ("get success", "get_success")] {
+        let (a, h) = (num(apiary, key)?, num(hivemind, key)?);
+        writeln!(t, "| {label} | {:.1}% | {:.1}% | | 100% |", 100.0 * a, 100.0 * h)?;
+    }
+    let (a, h) = (num(apiary, "rss_mb")?, num(hivemind, "rss_mb")?);
+    let peers = num(apiary, "peers")?;
+    writeln!(
+        t,
+        "| memory of all peers (MiB, PSS) | {a:.0} | {h:.0} | {:.1}× | all Apiary peers < 4 hivemind peers ({:.0} MiB) |",
+        h / a,
+        4.0 * h / peers
     )?;
     Ok(t)
 }
