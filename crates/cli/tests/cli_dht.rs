@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use apiary_testkit::{HivemindPeer, hivemind_python, interop_dir};
+use apiary_testkit::{HivemindPeer, hivemind_oneshot};
 use serde_json::{Value, json};
 
 const APIARY: &str = env!("CARGO_BIN_EXE_apiary");
@@ -76,19 +76,7 @@ fn apiary(args: &[&str]) -> Value {
 
 /// `hivemind_peer.py MODE ARGS…` one-shot: its result line.
 fn hivemind(mode: &str, args: &[&str]) -> Value {
-    let out = Command::new(hivemind_python())
-        .arg(interop_dir().join("hivemind_peer.py"))
-        .arg(mode)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .expect("hivemind_peer.py runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok());
-    let last = last.unwrap_or_else(|| panic!("hivemind {mode} printed nothing"));
+    let last = hivemind_oneshot(&[&[mode][..], args].concat());
     assert_eq!(last["event"], "result", "hivemind {mode} failed: {last}");
     last
 }

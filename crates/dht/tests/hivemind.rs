@@ -6,40 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use apiary_dht::Found;
-use apiary_testkit::{HivemindPeer, hivemind_python, interop_dir};
+use apiary_testkit::HivemindPeer;
 use apiary_wire::msgpack::Value;
-use common::{expiration, node};
-
-/// Runs a one-shot `hivemind_peer.py` mode and returns its result line.
-async fn oneshot(args: Vec<String>) -> serde_json::Value {
-    let run = tokio::task::spawn_blocking(move || {
-        let out = Command::new(hivemind_python())
-            .arg(interop_dir().join("hivemind_peer.py"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        stdout
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .unwrap_or_else(|| panic!("hivemind_peer.py {args:?} printed no JSON: {stdout}"))
-    });
-    tokio::time::timeout(Duration::from_secs(180), run)
-        .await
-        .expect("hivemind_peer.py took too long")
-        .unwrap()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
+use common::{args, expiration, node, oneshot};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiary_and_hivemind_share_one_dht() {

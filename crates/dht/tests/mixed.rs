@@ -6,43 +6,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use apiary_dht::validation::{CompositeValidator, RecordValidator, RsaOwnerValidator, ValidatorError};
 use apiary_dht::{Found, StoreEntry};
-use apiary_testkit::{HivemindPeer, hivemind_python, interop_dir};
+use apiary_testkit::HivemindPeer;
 use apiary_wire::msgpack::Value;
 use apiary_wire::signature::{DhtRecord, RsaPrivateKey, RsaSignatureValidator};
-use common::{Node, expiration, node, node_with, test_config};
+use common::{Node, args, expiration, node, node_with, oneshot, test_config};
 use serde_json::json;
-
-/// Runs a one-shot `hivemind_peer.py` mode and returns its result line.
-async fn oneshot(args: Vec<String>) -> serde_json::Value {
-    let run = tokio::task::spawn_blocking(move || {
-        let out = Command::new(hivemind_python())
-            .arg(interop_dir().join("hivemind_peer.py"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        stdout
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .unwrap_or_else(|| panic!("hivemind_peer.py {args:?} printed no JSON: {stdout}"))
-    });
-    tokio::time::timeout(Duration::from_secs(90), run)
-        .await
-        .expect("hivemind_peer.py took too long")
-        .unwrap()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
 
 /// Starts hivemind `dht` peers concurrently, one per argument list.
 async fn spawn_peers(arg_lists: Vec<Vec<String>>) -> Vec<HivemindPeer> {

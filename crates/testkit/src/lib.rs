@@ -134,3 +134,27 @@ impl Drop for HivemindPeer {
         let _ = self.child.wait();
     }
 }
+
+/// Runs a one-shot `hivemind_peer.py ARGS…` (e.g. `dht-get --initial-peers M --key K`) to completion and
+/// returns the last JSON line it printed (its `result` or `error` event); panics when it printed none.
+pub fn hivemind_oneshot<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> serde_json::Value {
+    let out = Command::new(hivemind_python())
+        .arg(interop_dir().join("hivemind_peer.py"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("could not start hivemind_peer.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or_else(|| {
+            let shown: Vec<_> = args
+                .iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect();
+            panic!("hivemind_peer.py {shown:?} printed no JSON: {stdout}")
+        })
+}

@@ -80,35 +80,26 @@ fn codecs(args: &[String]) -> Result<()> {
         ]),
     )?;
     let (size_s, iters_s) = (size.to_string(), iters.to_string());
-    let apiary = measure(
-        "Apiary: serialize + deserialize per codec",
-        Command::new(&cargo)
-            .args([
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "apiary-wire",
-                "--example",
-                "codec_throughput",
-                "--",
-            ])
-            .args(["--size", &size_s, "--iters", &iters_s]),
-    )?;
+    let example = |extra: &[&str]| {
+        let mut cmd = Command::new(&cargo);
+        cmd.args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "apiary-wire",
+            "--example",
+            "codec_throughput",
+            "--",
+        ])
+        .args(["--size", &size_s, "--iters", &iters_s])
+        .args(extra);
+        cmd
+    };
+    let apiary = measure("Apiary: serialize + deserialize per codec", &mut example(&[]))?;
     let fresh = measure(
         "Apiary again with buffer recycling off: every output is a fresh allocation",
-        Command::new(&cargo)
-            .args([
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "apiary-wire",
-                "--example",
-                "codec_throughput",
-                "--",
-            ])
-            .args(["--size", &size_s, "--iters", &iters_s, "--no-pool"]),
+        &mut example(&["--no-pool"]),
     )?;
     let hivemind = measure(
         "hivemind 1.1.12: serialize_torch_tensor + deserialize_torch_tensor per codec",

@@ -5,6 +5,7 @@
 //! cargo xtask setup    only install what is missing (system packages, the cached hivemind venv)
 //! cargo xtask golden   regenerate the golden vectors with real hivemind (crates/wire/tests/golden)
 //! cargo xtask bench    tensor codec benchmark, Apiary and hivemind side by side on this machine
+//! cargo xtask bench dht   DHT benchmark, Apiary and hivemind side by side on this machine
 //! ```
 //!
 //! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
@@ -46,7 +47,8 @@ const HELP: &str = "usage: cargo xtask <test|setup|golden|bench>
   test    install prerequisites, then fmt check, clippy -D warnings and every test suite
   setup   install prerequisites only (system packages, cached hivemind venv)
   golden  regenerate crates/wire/tests/golden with real hivemind
-  bench   tensor codec benchmark beside hivemind's serialize/deserialize on this machine";
+  bench   [codecs] tensor codec benchmark beside hivemind's serialize/deserialize on this machine
+  bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's";
 
 /// The workspace root (the folder holding the top `Cargo.toml`).
 pub fn root() -> PathBuf {

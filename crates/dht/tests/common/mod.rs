@@ -86,3 +86,17 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs a one-shot `hivemind_peer.py` mode off the async workers and returns its last JSON line.
+pub async fn oneshot(args: Vec<String>) -> serde_json::Value {
+    let run = tokio::task::spawn_blocking(move || apiary_testkit::hivemind_oneshot(&args));
+    tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("hivemind_peer.py took too long")
+        .unwrap()
+}
+
+/// `&str`s as owned arguments.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
