@@ -113,7 +113,7 @@ fn hivemind_venv() -> Result<PathBuf> {
     }
     eprintln!(
         "==> hivemind venv: missing at {} — creating it (a few minutes, ≈5.6 GB: interop and golden \
-         tests run real hivemind {})",
+         tests run {} from the package index)",
         venv.display(),
         HIVEMIND_REQUIREMENTS[0]
     );
