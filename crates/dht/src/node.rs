@@ -149,8 +149,9 @@ impl P2pRpc {
         async move {
             let started = tokio::time::Instant::now();
             let reply = match p2p.call_unary(peer, name, bytes.clone(), timeout).await {
-                // a peer known only by id (from a FindResponse): look it up like a routed host, retry once
-                Err(CallError::Open(OpenError::Dial(_))) => {
+                // a peer known only by id (from a FindResponse): look it up like a routed host, retry once.
+                // A peer whose known addresses refuse us is down: no lookup, the caller blacklists it.
+                Err(CallError::Open(OpenError::NoAddresses)) => {
                     let left = timeout.saturating_sub(started.elapsed());
                     match tokio::time::timeout(left, p2p.find_peer(peer)).await {
                         Ok(Ok(addrs)) if !addrs.is_empty() => {

@@ -36,7 +36,10 @@ pub enum OpenError {
     /// The remote does not serve this handler name.
     #[error("peer does not serve `{0}`")]
     Unsupported(String),
-    /// No connection to the peer could be made.
+    /// No address of the peer is known (look it up, e.g. with `P2pHandle::find_peer`, then retry).
+    #[error("no known address for the peer")]
+    NoAddresses,
+    /// No connection to the peer could be made at its known addresses.
     #[error("could not connect to the peer: {0}")]
     Dial(String),
     /// The connection closed or the stream failed while negotiating.
@@ -192,9 +195,12 @@ impl NetworkBehaviour for Behaviour {
                     && !self.connected.contains_key(&peer)
                     && let Some(waiting) = self.waiting.remove(&peer)
                 {
-                    let error = e.error.to_string();
+                    let error = match e.error {
+                        libp2p::swarm::DialError::NoAddresses => OpenError::NoAddresses,
+                        other => OpenError::Dial(other.to_string()),
+                    };
                     for open in waiting {
-                        let _ = open.reply.send(Err(OpenError::Dial(error.clone())));
+                        let _ = open.reply.send(Err(error.clone()));
                     }
                 }
             }
