@@ -51,8 +51,15 @@ const HELP: &str = "usage: cargo xtask <test|setup|golden|bench>
   bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's";
 
 /// The workspace root (the folder holding the top `Cargo.toml`).
+///
+/// `cargo run` sets `CARGO_MANIFEST_DIR` for the running binary: prefer it to the compile-time path, which
+/// names whichever clone last linked the binary when clones share one `CARGO_TARGET_DIR`.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(),
+        PathBuf::from,
+    );
+    manifest
         .ancestors()
         .nth(2)
         .expect("xtask lives in crates/xtask")
