@@ -108,13 +108,7 @@ fn codecs(args: &[String]) -> Result<()> {
             .args(["--size", &size_s, "--iters", &iters_s]),
     )?;
     let report = table(&apiary, &fresh, &hivemind, size, iters)?;
-    let dir = root().join("target/bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = dir.join("tensor-codecs.md");
-    std::fs::write(&file, &report).with_context(|| format!("writing {}", file.display()))?;
-    print_report(&report);
-    eprintln!("xtask: table written to {}", file.display());
-    Ok(())
+    publish("tensor-codecs.md", &report)
 }
 
 #[allow(clippy::print_stdout)]
@@ -122,8 +116,8 @@ fn print_report(report: &str) {
     println!("{report}");
 }
 
-/// Runs a benchmark command (stderr shown, stdout captured) and parses its JSON lines.
-fn measure(why: &str, cmd: &mut Command) -> Result<Vec<Measure>> {
+/// Runs a benchmark command (stderr shown, stdout captured) and parses the JSON lines it prints.
+fn json_lines(why: &str, cmd: &mut Command) -> Result<Vec<Value>> {
     eprintln!("\n==> {why}\n    $ {}", show(cmd));
     let out = cmd
         .current_dir(root())
@@ -134,10 +128,17 @@ fn measure(why: &str, cmd: &mut Command) -> Result<Vec<Measure>> {
         bail!("`{}` failed ({})", show(cmd), out.status);
     }
     let text = String::from_utf8(out.stdout).context("benchmark output is not UTF-8")?;
+    text.lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(|line| serde_json::from_str(line).with_context(|| format!("bad benchmark line {line:?}")))
+        .collect()
+}
+
+/// The codec rows a benchmark command prints.
+fn measure(why: &str, cmd: &mut Command) -> Result<Vec<Measure>> {
     let mut rows = Vec::new();
-    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
-        let v: Value = serde_json::from_str(line).with_context(|| format!("bad benchmark line {line:?}"))?;
-        let field = |k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {line:?}"));
+    for v in json_lines(why, cmd)? {
+        let field = |k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {v}"));
         rows.push(Measure {
             codec: v["codec"].as_str().context("codec missing")?.to_owned(),
             median_s: field("median_s")?,
@@ -148,6 +149,17 @@ fn measure(why: &str, cmd: &mut Command) -> Result<Vec<Measure>> {
         bail!("`{}` printed no measurements", show(cmd));
     }
     Ok(rows)
+}
+
+/// Writes a report under `target/bench/` and prints it.
+fn publish(name: &str, report: &str) -> Result<()> {
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join(name);
+    std::fs::write(&file, report).with_context(|| format!("writing {}", file.display()))?;
+    print_report(report);
+    eprintln!("xtask: table written to {}", file.display());
+    Ok(())
 }
 
 fn find<'a>(rows: &'a [Measure], codec: &str) -> Result<&'a Measure> {
@@ -296,33 +308,12 @@ fn dht(args: &[String]) -> Result<()> {
             .args(&params),
     )?;
     let report = dht_table(&apiary, &hivemind, &params)?;
-    let dir = root().join("target/bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = dir.join("dht.md");
-    std::fs::write(&file, &report).with_context(|| format!("writing {}", file.display()))?;
-    print_report(&report);
-    eprintln!("xtask: table written to {}", file.display());
-    Ok(())
+    publish("dht.md", &report)
 }
 
 /// Runs a command whose stdout ends with one JSON result line.
 fn one_json(why: &str, cmd: &mut Command) -> Result<Value> {
-    eprintln!("\n==> {why}\n    $ {}", show(cmd));
-    let out = cmd
-        .current_dir(root())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("could not start `{}`", show(cmd)))?;
-    if !out.status.success() {
-        bail!("`{}` failed ({})", show(cmd), out.status);
-    }
-    let text = String::from_utf8(out.stdout).context("benchmark output is not UTF-8")?;
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("no JSON result line")?;
-    serde_json::from_str(line).with_context(|| format!("bad result line {line:?}"))
+    json_lines(why, cmd)?.pop().context("no JSON result line")
 }
 
 fn dht_table(apiary: &Value, hivemind: &Value, params: &[String]) -> Result<String> {
