@@ -71,8 +71,9 @@ struct NodeArgs {
     /// service), as hivemind's `use_relay`.
     #[arg(long)]
     use_relay: bool,
-    /// Become reachable through relays: reserve a circuit on each trusted relay (default: the initial
-    /// peers), as hivemind's `use_auto_relay` with `trusted_relays`. Implies --use-relay.
+    /// Become reachable through relays, as hivemind's `use_auto_relay`: reserve circuits on up to two
+    /// connected peers that offer relaying (found automatically), and on each --trusted-relays one.
+    /// Implies --use-relay.
     #[arg(long)]
     use_auto_relay: bool,
     /// Full multiaddrs of relays to reserve circuits on with --use-auto-relay.
@@ -149,16 +150,16 @@ async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHand
         external_addrs: node.announce_maddrs.clone(),
         relay_client: relay,
         relay_service: relay.then(RelayLimits::default),
+        auto_relay_reservations: if node.use_auto_relay {
+            AUTO_RELAY_RESERVATIONS
+        } else {
+            0
+        },
         ..P2pConfig::default()
     };
     let (p2p, _task) = Host::spawn(config).context("could not start the libp2p host")?;
     if node.use_auto_relay {
-        let relays = if node.trusted_relays.is_empty() {
-            &node.initial_peers
-        } else {
-            &node.trusted_relays
-        };
-        for relay in relays {
+        for relay in &node.trusted_relays {
             let circuit = relay.clone().with(Protocol::P2pCircuit);
             match p2p.listen(circuit.clone()).await {
                 Ok(addr) => tracing::info!(%addr, "reserved a relay circuit"),
@@ -173,6 +174,10 @@ async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHand
         .context("could not join the DHT")?;
     Ok((p2p, dht))
 }
+
+/// Relays `--use-auto-relay` reserves circuits on, besides the trusted ones: two keep the node reachable
+/// while one of them leaves.
+const AUTO_RELAY_RESERVATIONS: usize = 2;
 
 /// Full `/p2p/` multiaddrs others can dial: the announced ones, else the listening ones.
 async fn visible_maddrs(p2p: &P2pHandle, node: &NodeArgs) -> Vec<String> {

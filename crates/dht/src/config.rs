@@ -30,7 +30,8 @@ pub struct DhtConfig {
     pub cache_nearest: usize,
     /// Cache size bound; `None` is unbounded (default).
     pub cache_size: Option<usize>,
-    /// Refresh cached keys this long before they expire. Default 5 s.
+    /// Fetch a cached key again this long before it expires, when it was used from the cache since it was
+    /// cached (hivemind's cache refresh). Zero turns refreshing off. Default 5 s.
     pub cache_refresh_before_expiry: Duration,
     /// Cache stored values locally too. Default true.
     pub cache_on_store: bool,

@@ -126,15 +126,40 @@ pub trait DhtRpc: Send + Sync + 'static {
 }
 
 /// [`DhtRpc`] over an Apiary host: protobuf-encoded unary calls to `DHTProtocol.rpc_*`.
+///
+/// hivemind's DHT names peers by id only. For each peer named in an `rpc_find` answer this remembers
+/// who named it; calling a peer with no known address first asks that node for it on the peer-routing
+/// protocol ([`P2pHandle::find_peer_via`]), as it certainly knew where the peer was.
 #[derive(Debug, Clone)]
 pub struct P2pRpc {
     p2p: P2pHandle,
+    named_by: Arc<Mutex<HashMap<PeerId, PeerId>>>,
 }
+
+/// Peers whose namer is remembered; the memory is cleared when it fills up.
+const NAMED_BY_CAPACITY: usize = 16_384;
 
 impl P2pRpc {
     /// Calls through `p2p`.
     pub fn new(p2p: P2pHandle) -> Self {
-        P2pRpc { p2p }
+        P2pRpc {
+            p2p,
+            named_by: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn remember_namers(&self, responder: PeerId, response: &FindResponse) {
+        let mut map = lock(&self.named_by);
+        for result in &response.results {
+            for id in &result.nearest_peer_ids {
+                if let Ok(named) = PeerId::from_bytes(id) {
+                    if map.len() >= NAMED_BY_CAPACITY {
+                        map.clear();
+                    }
+                    map.insert(named, responder);
+                }
+            }
+        }
     }
 
     fn call<Req: Message, Resp: Message + Default>(
@@ -145,6 +170,7 @@ impl P2pRpc {
         timeout: Duration,
     ) -> BoxFuture<'static, Result<Resp, RpcError>> {
         let p2p = self.p2p.clone();
+        let named_by = self.named_by.clone();
         let bytes = Bytes::from(request.encode_to_vec());
         async move {
             let started = tokio::time::Instant::now();
@@ -153,12 +179,13 @@ impl P2pRpc {
                 // A peer whose known addresses refuse us is down: no lookup, the caller blacklists it.
                 Err(CallError::Open(OpenError::NoAddresses)) => {
                     let left = timeout.saturating_sub(started.elapsed());
-                    match tokio::time::timeout(left, p2p.find_peer(peer)).await {
-                        Ok(Ok(addrs)) if !addrs.is_empty() => {
+                    let hints: Vec<PeerId> = lock(&named_by).get(&peer).copied().into_iter().collect();
+                    match tokio::time::timeout(left, p2p.find_peer_via(peer, hints)).await {
+                        Ok(Ok(_)) => {
                             let left = timeout.saturating_sub(started.elapsed());
                             p2p.call_unary(peer, name, bytes, left).await?
                         }
-                        Ok(Ok(_)) | Ok(Err(_)) => {
+                        Ok(Err(_)) => {
                             return Err(RpcError::Other(format!("peer {peer} has no known address")));
                         }
                         Err(_) => return Err(RpcError::Call(CallError::Timeout)),
@@ -197,7 +224,14 @@ impl DhtRpc for P2pRpc {
         request: FindRequest,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<FindResponse, RpcError>> {
-        self.call(peer, RPC_FIND, request, timeout)
+        let this = self.clone();
+        let call = self.call::<_, FindResponse>(peer, RPC_FIND, request, timeout);
+        async move {
+            let response = call.await?;
+            this.remember_namers(peer, &response);
+            Ok(response)
+        }
+        .boxed()
     }
 }
 
@@ -265,6 +299,52 @@ struct Owner {
     rpc: Arc<dyn DhtRpc>,
     me: mpsc::WeakSender<Command>,
     wait_timeout: Duration,
+    refresh: RefreshQueue,
+}
+
+/// hivemind's `cache_refresh_queue`: cached keys to fetch again, each at a DHT time. The refresher task
+/// ([`DhtHandle::refresh_cache`]) sleeps until the earliest one and is woken when an earlier one comes.
+#[derive(Debug, Default)]
+struct RefreshQueue {
+    /// Whether a refresher runs (`cache_refresh_before_expiry > 0`); otherwise nothing is queued.
+    enabled: bool,
+    at: HashMap<DhtId, DhtExpiration>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl RefreshQueue {
+    /// Refresh `key` at `time` or later (the earlier time wins when it is queued already).
+    fn schedule(&mut self, key: DhtId, time: DhtExpiration) {
+        if !self.enabled {
+            return;
+        }
+        let earliest = self.earliest();
+        let slot = self.at.entry(key).or_insert(time);
+        *slot = slot.min(time);
+        if earliest.is_none_or(|e| time < e) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn earliest(&self) -> Option<DhtExpiration> {
+        self.at.values().copied().reduce(f64::min)
+    }
+
+    /// Takes up to `n` keys due at `now`, earliest first.
+    fn take_due(&mut self, now: DhtExpiration, n: usize) -> Vec<(DhtId, DhtExpiration)> {
+        let mut due: Vec<(DhtId, DhtExpiration)> = self
+            .at
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        due.sort_by(|a, b| a.1.total_cmp(&b.1));
+        due.truncate(n.max(1));
+        for (k, _) in &due {
+            self.at.remove(k);
+        }
+        due
+    }
 }
 
 impl Owner {
@@ -324,6 +404,8 @@ impl Owner {
                 }
             }
         }
+        // let the refresher see that the node is gone
+        self.refresh.wake.notify_one();
     }
 
     /// Sends `command` to this task from a spawned follow-up.
@@ -527,7 +609,15 @@ struct Inner {
     peer_id: PeerId,
     node_info: NodeInfo,
     p2p: Option<P2pHandle>,
+    /// Gets in flight by key, for `reuse_get_requests`: a finished get hands what it found to the
+    /// others (hivemind's `pending_get_requests`).
+    pending_gets: Mutex<HashMap<DhtId, Vec<PendingGet>>>,
 }
+
+/// The searches of one `get_many` call, by key.
+type Searches = Mutex<HashMap<DhtId, SearchState>>;
+/// A get in flight: its call number and its searches.
+type PendingGet = (u64, std::sync::Weak<Searches>);
 
 /// A cloneable handle to a running DHT node (hivemind's `DHTNode`).
 #[derive(Clone)]
@@ -638,9 +728,15 @@ impl DhtHandle {
             rpc: rpc.clone(),
             me: commands.downgrade(),
             wait_timeout: config.wait_timeout,
+            refresh: RefreshQueue {
+                enabled: config.cache_refresh_before_expiry > Duration::ZERO,
+                ..RefreshQueue::default()
+            },
         };
+        let wake = owner.refresh.wake.clone();
+        let config_refresh = owner.refresh.enabled;
         tokio::spawn(owner.run(rx));
-        DhtHandle {
+        let handle = DhtHandle {
             inner: Arc::new(Inner {
                 commands,
                 rpc,
@@ -649,7 +745,54 @@ impl DhtHandle {
                 peer_id,
                 node_info,
                 p2p,
+                pending_gets: Mutex::new(HashMap::new()),
             }),
+        };
+        if config_refresh {
+            tokio::spawn(Self::refresh_cache(Arc::downgrade(&handle.inner), wake));
+        }
+        handle
+    }
+
+    /// hivemind's `_refresh_stale_cache_entries`: fetches cached keys again shortly before they expire
+    /// (those used since they were cached), a batch of up to `chunk_size` due keys at a time. Holds
+    /// the node only weakly, so it ends with the node.
+    async fn refresh_cache(inner: std::sync::Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
+        loop {
+            let Some(inner) = inner.upgrade() else { return };
+            let handle = DhtHandle { inner };
+            let chunk = handle.inner.config.chunk_size;
+            let before = handle.inner.config.cache_refresh_before_expiry.as_secs_f64();
+            let due = handle
+                .with(move |o, now| {
+                    let due = o.refresh.take_due(now, chunk);
+                    let next = o.refresh.earliest();
+                    let latest_cached = due
+                        .iter()
+                        .filter_map(|(k, _)| o.protocol.cache.get(k, now).map(|v| v.expiration_time))
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    (due, next, latest_cached, now)
+                })
+                .await;
+            let Ok((due, next, latest_cached, now)) = due else {
+                return;
+            };
+            if due.is_empty() {
+                drop(handle);
+                let wait = next.map(|t| Duration::from_secs_f64((t - now).clamp(0.0, 3600.0)));
+                match wait {
+                    Some(wait) => {
+                        let _ = tokio::time::timeout(wait, wake.notified()).await;
+                    }
+                    None => wake.notified().await,
+                }
+                continue;
+            }
+            let keys: Vec<DhtId> = due.iter().map(|(k, _)| *k).collect();
+            let scheduled = due.iter().map(|(_, t)| *t).fold(f64::NEG_INFINITY, f64::max);
+            let sufficient = scheduled.max(latest_cached) + before + 1.0;
+            tracing::debug!(keys = keys.len(), "refreshing cached keys");
+            let _ = handle.get_many_by_id(&keys, sufficient, true).await;
         }
     }
 
@@ -1197,7 +1340,7 @@ impl DhtHandle {
     pub async fn get_many(&self, keys: Vec<Value>, latest: bool) -> Result<Vec<Option<Found>>, DhtError> {
         let key_ids: Vec<DhtId> = keys.iter().map(DhtId::from_key).collect();
         let sufficient = if latest { f64::INFINITY } else { get_dht_time() };
-        let found = self.get_many_by_id(&key_ids, sufficient).await?;
+        let found = self.get_many_by_id(&key_ids, sufficient, false).await?;
         let mut out = Vec::with_capacity(keys.len());
         for id in key_ids {
             out.push(match found.get(&id).cloned().flatten() {
@@ -1243,10 +1386,14 @@ impl DhtHandle {
     }
 
     /// hivemind's `get_many_by_id` (without background cache refresh and request reuse).
+    ///
+    /// A `refresh` (from the cache refresher) ignores the cache, caches what it finds even without
+    /// `cache_locally`, and schedules no further refresh.
     async fn get_many_by_id(
         &self,
         key_ids: &[DhtId],
         sufficient: DhtExpiration,
+        refresh: bool,
     ) -> Result<HashMap<DhtId, Option<ValueWithExpiration<StoredValue>>>, DhtError> {
         let own = self.inner.node_id;
         let ids = key_ids.to_vec();
@@ -1261,14 +1408,28 @@ impl DhtHandle {
         for (k, stored, cached) in local {
             let search = searches.entry(k).or_insert_with(|| SearchState::new(sufficient));
             search.add_candidate(stored, own);
-            search.add_candidate(cached, own);
+            if !refresh {
+                search.add_candidate(cached, own);
+            }
         }
         let unfinished: Vec<DhtId> = searches
             .iter()
             .filter(|(_, s)| !s.finished)
             .map(|(k, _)| *k)
             .collect();
-        let searches = Arc::new(Mutex::new(searches));
+        let searches: Arc<Searches> = Arc::new(Mutex::new(searches));
+        let reuse = self.inner.config.reuse_get_requests && !refresh;
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call_id = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if reuse {
+            let mut pending = lock(&self.inner.pending_gets);
+            for k in &unfinished {
+                pending
+                    .entry(*k)
+                    .or_default()
+                    .push((call_id, Arc::downgrade(&searches)));
+            }
+        }
         let mut nearest_found: HashMap<DhtId, Vec<DhtId>> = HashMap::new();
         let node_to_peer = Arc::new(Mutex::new(HashMap::new()));
         if !unfinished.is_empty() {
@@ -1303,6 +1464,10 @@ impl DhtHandle {
             .await;
         }
         let searches = std::mem::take(&mut *lock(&searches));
+        if reuse {
+            self.share_results(call_id, &unfinished, &searches);
+        }
+        let sources: HashMap<DhtId, Option<DhtId>> = searches.iter().map(|(k, s)| (*k, s.source)).collect();
         let mut out = HashMap::new();
         for (k, search) in searches {
             let result = match (search.value, search.expiration_time) {
@@ -1324,11 +1489,67 @@ impl DhtHandle {
                         .take(self.inner.config.cache_nearest)
                         .collect()
                 };
-                self.cache_new_result(k, found.clone(), peers).await;
+                self.cache_new_result(k, found.clone(), peers, refresh).await;
             }
             out.insert(k, result);
         }
+        let before = self.inner.config.cache_refresh_before_expiry.as_secs_f64();
+        if !refresh && before > 0.0 {
+            // `_trigger_cache_refresh`: a value this node served itself from its cache is fetched again
+            // shortly before it expires, so that a key in use stays fresh.
+            let served: Vec<(DhtId, DhtExpiration)> = out
+                .iter()
+                .filter_map(|(k, v)| Some((*k, v.as_ref()?.expiration_time)))
+                .filter(|(k, _)| sources.get(k) == Some(&Some(own)))
+                .collect();
+            if !served.is_empty() {
+                let _ = self
+                    .with(move |o, now| {
+                        for (k, exp) in served {
+                            if o.protocol.cache.get(&k, now).is_some() {
+                                o.refresh.schedule(k, exp - before);
+                            }
+                        }
+                    })
+                    .await;
+            }
+        }
         Ok(out)
+    }
+
+    /// `_reuse_finished_search_result`: this get is over; every other get of the same keys still in
+    /// flight takes what it found as a candidate (and stops early when that suffices).
+    fn share_results(&self, call_id: u64, keys: &[DhtId], searches: &HashMap<DhtId, SearchState>) {
+        let mut others: Vec<(DhtId, Arc<Searches>)> = Vec::new();
+        {
+            let mut pending = lock(&self.inner.pending_gets);
+            for k in keys {
+                if let Some(list) = pending.get_mut(k) {
+                    list.retain(|(id, weak)| *id != call_id && weak.strong_count() > 0);
+                    others.extend(list.iter().filter_map(|(_, w)| w.upgrade()).map(|s| (*k, s)));
+                    if list.is_empty() {
+                        pending.remove(k);
+                    }
+                }
+            }
+        }
+        for (k, other) in others {
+            let Some(found) = searches.get(&k) else { continue };
+            let (Some(value), Some(expiration_time), Some(source)) =
+                (found.value.clone(), found.expiration_time, found.source)
+            else {
+                continue;
+            };
+            if let Some(search) = lock(&other).get_mut(&k) {
+                search.add_candidate(
+                    Some(ValueWithExpiration {
+                        value,
+                        expiration_time,
+                    }),
+                    source,
+                );
+            }
+        }
     }
 
     /// `_cache_new_result`: cache a found value locally and push it (`in_cache`) to nearby nodes, when
@@ -1338,8 +1559,9 @@ impl DhtHandle {
         key_id: DhtId,
         found: ValueWithExpiration<StoredValue>,
         push_to: Vec<(DhtId, PeerId)>,
+        refresh: bool,
     ) {
-        let cache_locally = self.inner.config.cache_locally;
+        let cache_locally = self.inner.config.cache_locally || refresh;
         let value = found.clone();
         let newer = self
             .with(move |o, now| {
@@ -1393,7 +1615,8 @@ impl DhtHandle {
     }
 }
 
-/// `_update_cache_on_store` (without scheduling refreshes).
+/// `_update_cache_on_store`: cache a stored regular value; refresh a cached key at once when the store
+/// showed the cache is stale, or when a dictionary key's cached copy misses sub-keys stored elsewhere.
 fn update_cache_on_store(
     o: &mut Owner,
     key_id: DhtId,
@@ -1414,6 +1637,19 @@ fn update_cache_on_store(
         if let Some((exp, value)) = best {
             o.protocol.cache.store(key_id, value, exp, None, now);
         }
+    } else if !succeeded && !is_dictionary {
+        // every replica refused: if the cached copy is no newer than what they refused, it is stale
+        let rejected = items
+            .iter()
+            .map(|i| i.expiration_time)
+            .fold(f64::NEG_INFINITY, f64::max);
+        if o.protocol
+            .cache
+            .get(&key_id, now)
+            .is_some_and(|cached| cached.expiration_time <= rejected)
+        {
+            o.refresh.schedule(key_id, now);
+        }
     } else if is_dictionary && o.protocol.cache.get(&key_id, now).is_some() {
         for (item, ok) in items.into_iter().zip(oks) {
             if let (true, StoredValue::Regular(v)) = (*ok, item.value) {
@@ -1422,6 +1658,7 @@ fn update_cache_on_store(
                     .store(key_id, v, item.expiration_time, item.subkey, now);
             }
         }
+        o.refresh.schedule(key_id, now);
     }
 }
 

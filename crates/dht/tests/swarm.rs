@@ -363,3 +363,62 @@ async fn bootstrap_fails_clearly_when_no_initial_peer_answers() {
     lonely.stop().await;
     p2p2.shutdown().await;
 }
+
+/// hivemind's cache refresh: a key a node keeps reading from its cache is fetched again before it
+/// expires, so a newer value in the swarm replaces the cached one without waiting for the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_keys_in_use_are_refreshed_before_they_expire() {
+    let nodes = swarm(5).await;
+    let mut config = common::test_config();
+    // a client holds no replicas: what it reads comes from its cache or from the swarm
+    config.client_mode = true;
+    config.cache_refresh_before_expiry = Duration::from_secs(28);
+    let reader = common::node_with(
+        vec![nodes[0].addr.clone()],
+        config,
+        apiary_dht::validation::CompositeValidator::default(),
+    )
+    .await;
+    let key = Value::str("refreshed key");
+    let first = expiration(30.0);
+    assert!(
+        nodes[1]
+            .dht
+            .store(key.clone(), Value::from(1), first, None)
+            .await
+            .unwrap()
+    );
+    let regular = |found: Option<Found>| match found {
+        Some(Found::Regular { value, .. }) => Some(value),
+        _ => None,
+    };
+    // many concurrent first reads (they share results: reuse_get_requests) all see the value
+    let reads = (0..16).map(|_| reader.dht.get(key.clone(), false));
+    for got in futures::future::join_all(reads).await {
+        assert_eq!(regular(got.unwrap()), Some(Value::from(1)));
+    }
+    // a read served from the cache schedules a refresh at `first` - 28 s
+    assert_eq!(
+        regular(reader.dht.get(key.clone(), false).await.unwrap()),
+        Some(Value::from(1))
+    );
+    assert!(
+        nodes[2]
+            .dht
+            .store(key.clone(), Value::from(2), expiration(120.0), None)
+            .await
+            .unwrap()
+    );
+    // without the refresh the cache would answer 1 until `first`, 30 s from now
+    let refreshed = eventually(Duration::from_secs(12), || {
+        let dht = reader.dht.clone();
+        let key = key.clone();
+        async move { regular(dht.get(key, false).await.unwrap()) == Some(Value::from(2)) }
+    })
+    .await;
+    assert!(refreshed, "the cached value was not refreshed");
+    reader.stop().await;
+    for n in &nodes {
+        n.stop().await;
+    }
+}

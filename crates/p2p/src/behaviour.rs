@@ -27,6 +27,8 @@ use libp2p::swarm::{
 use libp2p::{PeerId, Stream};
 use tokio::sync::oneshot;
 
+use crate::routing::{AddressBook, KAD_PROTOCOL};
+
 /// The registered handlers by name, shared by the behaviour and every connection handler.
 pub(crate) type Names = Arc<RwLock<HashMap<String, crate::rpc::Handler>>>;
 
@@ -100,6 +102,10 @@ pub struct OpenStream {
 #[derive(Debug)]
 pub struct Behaviour {
     names: Names,
+    /// Where known peers listen: handed to the swarm when it dials by peer id, read by peer routing.
+    pub(crate) book: AddressBook,
+    /// Whether connections accept `/ipfs/kad/1.0.0` (peer routing served by the host).
+    serve_kad: bool,
     connected: HashMap<PeerId, usize>,
     /// Streams waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<OpenStream>>,
@@ -107,9 +113,11 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    pub(crate) fn new(names: Names) -> Self {
+    pub(crate) fn new(names: Names, book: AddressBook, serve_kad: bool) -> Self {
         Self {
             names,
+            book,
+            serve_kad,
             connected: HashMap::new(),
             waiting: HashMap::new(),
             actions: VecDeque::new(),
@@ -139,6 +147,7 @@ impl Behaviour {
     fn handler(&self) -> RpcHandler {
         RpcHandler {
             names: self.names.clone(),
+            serve_kad: self.serve_kad,
             pending: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -170,10 +179,30 @@ impl NetworkBehaviour for Behaviour {
         Ok(self.handler())
     }
 
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        Ok(peer.map(|p| self.book.addresses(&p)).unwrap_or_default())
+    }
+
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
                 *self.connected.entry(e.peer_id).or_default() += 1;
+                self.book.connected(e.peer_id);
+                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = e.endpoint {
+                    // An address that just worked (a listener's side sees only an ephemeral port).
+                    if !address
+                        .iter()
+                        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+                    {
+                        self.book.add(e.peer_id, [address.clone()]);
+                    }
+                }
                 for open in self.waiting.remove(&e.peer_id).unwrap_or_default() {
                     self.actions.push_back(ToSwarm::NotifyHandler {
                         peer_id: e.peer_id,
@@ -183,6 +212,7 @@ impl NetworkBehaviour for Behaviour {
                 }
             }
             FromSwarm::ConnectionClosed(e) => {
+                self.book.disconnected(e.peer_id);
                 if let Some(n) = self.connected.get_mut(&e.peer_id) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
@@ -226,6 +256,7 @@ impl NetworkBehaviour for Behaviour {
 #[derive(Debug)]
 pub struct RpcHandler {
     names: Names,
+    serve_kad: bool,
     pending: VecDeque<OpenStream>,
     events: VecDeque<(Stream, String)>,
 }
@@ -240,7 +271,11 @@ impl ConnectionHandler for RpcHandler {
 
     fn listen_protocol(&self) -> SubstreamProtocol<HandlerNames, ()> {
         let names = self.names.read().unwrap_or_else(PoisonError::into_inner);
-        SubstreamProtocol::new(HandlerNames(names.keys().cloned().collect()), ())
+        let mut accepted: Vec<String> = names.keys().cloned().collect();
+        if self.serve_kad {
+            accepted.push(KAD_PROTOCOL.to_owned());
+        }
+        SubstreamProtocol::new(HandlerNames(accepted), ())
     }
 
     fn poll(

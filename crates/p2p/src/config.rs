@@ -16,8 +16,11 @@ pub struct P2pConfig {
     /// Connections with no open streams close after this long (default 60 s; libp2p's 10 s drops quiet
     /// hivemind connections).
     pub idle_connection_timeout: Duration,
-    /// Run Kademlia in server mode, answering peer-routing queries (default true, as p2pd's `-dhtServer`).
+    /// Answer peer-routing queries on `/ipfs/kad/1.0.0` (default true, as p2pd's `-dhtServer`).
     pub kad_server_mode: bool,
+    /// Peers whose addresses are remembered for dialing and peer routing (default 10,000; the least
+    /// recently seen disconnected peer is forgotten first).
+    pub address_book_capacity: usize,
     /// Outgoing calls in flight to all peers together (default 1024).
     pub max_outbound_calls: usize,
     /// Outgoing calls in flight to one peer (default 128).
@@ -39,6 +42,10 @@ pub struct P2pConfig {
     /// The circuit-relay v2 client: dial `/p2p-circuit` addresses and listen through a relay with
     /// `<relay addr>/p2p/<relay id>/p2p-circuit` (default off).
     pub relay_client: bool,
+    /// Auto relay (as p2pd's `-autoRelay`): reserve circuits on up to this many connected peers that
+    /// offer the relay v2 service (seen through identify), unless AutoNAT finds this host public. Needs
+    /// [`P2pConfig::relay_client`]. Default 0: off.
+    pub auto_relay_reservations: usize,
     /// The circuit-relay v2 service (hop) for other peers, with these limits (default `None`: off). It only
     /// serves once the host has a confirmed external address ([`P2pConfig::external_addrs`], AutoNAT).
     pub relay_service: Option<RelayLimits>,
@@ -48,6 +55,11 @@ pub struct P2pConfig {
     /// AutoNAT (v1, as p2pd's `-autonat`): probes this host's reachability through its peers and answers
     /// their probes; the result comes out on [`crate::P2pHandle::reachability`] (default off: `Unknown`).
     pub autonat: bool,
+    /// How long after start AutoNAT sends its first probe (default 15 s, libp2p's).
+    pub autonat_boot_delay: Duration,
+    /// Whether AutoNAT probes and dials back only global IP addresses (default true; false for swarms
+    /// on one LAN, where private addresses are the reachable ones).
+    pub autonat_only_global_ips: bool,
     /// UPnP port mapping on the local gateway (default off).
     pub upnp: bool,
     /// Longest time an inbound unary call's handler may run before the caller gets an error reply
@@ -128,6 +140,7 @@ impl Default for P2pConfig {
             agent_version: format!("apiary/{}", env!("CARGO_PKG_VERSION")),
             idle_connection_timeout: Duration::from_secs(60),
             kad_server_mode: true,
+            address_book_capacity: 10_000,
             max_outbound_calls: 1024,
             max_outbound_calls_per_peer: 128,
             max_inbound_calls: 1024,
@@ -137,9 +150,12 @@ impl Default for P2pConfig {
             security: Security::NoiseAndTls,
             external_addrs: Vec::new(),
             relay_client: false,
+            auto_relay_reservations: 0,
             relay_service: None,
             dcutr: false,
             autonat: false,
+            autonat_boot_delay: Duration::from_secs(15),
+            autonat_only_global_ips: true,
             upnp: false,
             handler_timeout: None,
         }

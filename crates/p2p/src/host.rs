@@ -9,7 +9,6 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::ListenerId;
-use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
@@ -19,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, onesho
 
 use crate::behaviour::{self, Names, OpenError};
 use crate::config::P2pConfig;
+use crate::routing::{self, AddressBook, KadKey, PeerRecord};
 use crate::rpc::{self, Frame, Handler, InvalidName, ReadError, StreamHandler, UnaryHandler};
 
 #[derive(NetworkBehaviour)]
@@ -26,7 +26,6 @@ struct Behaviour {
     rpc: behaviour::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
     relay_client: Toggle<relay::client::Behaviour>,
     relay: Toggle<relay::Behaviour>,
     dcutr: Toggle<dcutr::Behaviour>,
@@ -58,7 +57,7 @@ pub enum HostError {
     /// Dialing failed.
     #[error("could not dial {addr}: {reason}")]
     Dial { addr: Multiaddr, reason: String },
-    /// Kademlia found no addresses for the peer.
+    /// No peer asked on `/ipfs/kad/1.0.0` knew an address of the peer.
     #[error("peer {0} not found")]
     PeerNotFound(PeerId),
     /// The host's event loop has stopped.
@@ -114,9 +113,14 @@ enum Command {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<PeerId, HostError>>,
     },
-    AddAddress {
+    AddAddresses {
         peer: PeerId,
-        addr: Multiaddr,
+        addrs: Vec<Multiaddr>,
+    },
+    Closest {
+        key: KadKey,
+        exclude: Option<PeerId>,
+        reply: oneshot::Sender<Vec<PeerRecord>>,
     },
     AddExternalAddress {
         addr: Multiaddr,
@@ -125,10 +129,6 @@ enum Command {
         peer: PeerId,
         name: String,
         reply: oneshot::Sender<Result<Stream, OpenError>>,
-    },
-    FindPeer {
-        peer: PeerId,
-        reply: oneshot::Sender<Result<Vec<Multiaddr>, HostError>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -183,6 +183,18 @@ impl Limits {
     }
 }
 
+/// The circuit relay v2 service's protocol, as identify lists it.
+const RELAY_HOP_PROTOCOL: &str = "/libp2p/circuit/relay/0.2.0/hop";
+
+/// Peers asked at once by a lookup.
+const LOOKUP_PARALLELISM: usize = 3;
+/// Peers asked at most by one lookup before it gives up.
+const LOOKUP_MAX_ASKED: usize = 3 * routing::K;
+/// How long one `FIND_NODE` answer may take.
+const LOOKUP_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// An inbound kad stream with no request for this long is closed (go-libp2p-kad-dht reuses streams).
+const KAD_STREAM_IDLE: Duration = Duration::from_secs(60);
+
 /// A cloneable handle to the host's event loop.
 #[derive(Debug, Clone)]
 pub struct P2pHandle {
@@ -214,20 +226,16 @@ impl Host {
         let agent = config.agent_version.clone();
         let (transport, relay_client) = crate::transport::build(&keypair, &config)?;
         let peer = keypair.public().to_peer_id();
-        let mut kad =
-            kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad::Config::new(kad::PROTOCOL_NAME));
-        kad.set_mode(Some(if config.kad_server_mode {
-            kad::Mode::Server
-        } else {
-            kad::Mode::Client
-        }));
         let behaviour = Behaviour {
-            rpc: behaviour::Behaviour::new(names),
+            rpc: behaviour::Behaviour::new(
+                names,
+                AddressBook::new(peer, config.address_book_capacity),
+                config.kad_server_mode,
+            ),
             identify: identify::Behaviour::new(
                 identify::Config::new("ipfs/0.1.0".into(), keypair.public()).with_agent_version(agent),
             ),
             ping: ping::Behaviour::default(),
-            kad,
             relay_client: relay_client.into(),
             relay: config
                 .relay_service
@@ -237,7 +245,14 @@ impl Host {
             dcutr: config.dcutr.then(|| dcutr::Behaviour::new(peer)).into(),
             autonat: config
                 .autonat
-                .then(|| autonat::Behaviour::new(peer, autonat::Config::default()))
+                .then(|| {
+                    let autonat_config = autonat::Config {
+                        boot_delay: config.autonat_boot_delay,
+                        only_global_ips: config.autonat_only_global_ips,
+                        ..autonat::Config::default()
+                    };
+                    autonat::Behaviour::new(peer, autonat_config)
+                })
                 .into(),
             upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
         };
@@ -291,7 +306,10 @@ impl Host {
             peers_tx,
             listens: HashMap::new(),
             dials: HashMap::new(),
-            finds: HashMap::new(),
+            me: handle.commands.downgrade(),
+            relay_client: config.relay_client,
+            auto_relay_reservations: config.auto_relay_reservations,
+            reservations: HashMap::new(),
         };
         Ok((handle, tokio::spawn(event_loop.run())))
     }
@@ -348,7 +366,10 @@ impl P2pHandle {
     /// Records an address for `peer`; calls to the peer dial it when needed.
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), HostError> {
         self.commands
-            .send(Command::AddAddress { peer, addr })
+            .send(Command::AddAddresses {
+                peer,
+                addrs: vec![addr],
+            })
             .await
             .map_err(|_| HostError::Shutdown)
     }
@@ -362,11 +383,73 @@ impl P2pHandle {
             .map_err(|_| HostError::Shutdown)
     }
 
-    /// Looks `peer` up through Kademlia; returns its addresses (already recorded for dialing).
+    /// Looks `peer` up on `/ipfs/kad/1.0.0` ([`crate::routing`]); returns its addresses, already
+    /// recorded for dialing (none when it is connected already).
     pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, HostError> {
-        self.request(|reply| Command::FindPeer { peer, reply })
+        self.find_peer_via(peer, Vec::new()).await
+    }
+
+    /// [`P2pHandle::find_peer`] asking `hints` first: peers likely to know where `peer` is (in
+    /// hivemind's DHT, the node whose `rpc_find` answer named it). Stops at the first answer that
+    /// carries the peer's addresses.
+    pub async fn find_peer_via(&self, peer: PeerId, hints: Vec<PeerId>) -> Result<Vec<Multiaddr>, HostError> {
+        if self.peers.borrow().contains(&peer) {
+            return Ok(Vec::new());
+        }
+        let key = routing::kad_key(&peer.to_bytes());
+        let known = self
+            .request(|reply| Command::Closest {
+                key,
+                exclude: None,
+                reply,
+            })
             .await
-            .ok_or(HostError::Shutdown)?
+            .ok_or(HostError::Shutdown)?;
+        if let Some(record) = known.iter().find(|r| r.peer == peer) {
+            return Ok(record.addrs.clone());
+        }
+        let mut lookup = routing::Lookup::new(peer, hints, known);
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        loop {
+            for asked in lookup.next(
+                LOOKUP_PARALLELISM.saturating_sub(in_flight.len()),
+                LOOKUP_MAX_ASKED,
+            ) {
+                let this = self.clone();
+                in_flight.push(async move {
+                    let stream = this.open_stream(asked, routing::KAD_PROTOCOL).await;
+                    match stream {
+                        Ok(stream) => routing::find_node(stream, &peer, LOOKUP_QUERY_TIMEOUT)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                });
+            }
+            let Some(answer) = in_flight.next().await else {
+                return Err(HostError::PeerNotFound(peer));
+            };
+            let Ok(peers) = answer else { continue };
+            let mut found = None;
+            for (other, addrs) in peers {
+                if addrs.is_empty() {
+                    continue;
+                }
+                if other == peer {
+                    found = Some(addrs.clone());
+                }
+                if other != self.local_peer_id {
+                    lookup.learn([other]);
+                    let _ = self
+                        .commands
+                        .send(Command::AddAddresses { peer: other, addrs })
+                        .await;
+                }
+            }
+            if let Some(addrs) = found {
+                return Ok(addrs);
+            }
+        }
     }
 
     /// Stops the event loop, closing every connection.
@@ -508,8 +591,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-type FindReply = oneshot::Sender<Result<Vec<Multiaddr>, HostError>>;
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -523,7 +604,11 @@ struct EventLoop {
     peers_tx: watch::Sender<Vec<PeerId>>,
     listens: HashMap<ListenerId, oneshot::Sender<Result<Multiaddr, HostError>>>,
     dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, HostError>>)>,
-    finds: HashMap<kad::QueryId, (PeerId, FindReply)>,
+    me: mpsc::WeakSender<Command>,
+    relay_client: bool,
+    auto_relay_reservations: usize,
+    /// Auto-relay circuit listeners and their relays.
+    reservations: HashMap<ListenerId, PeerId>,
 }
 
 impl EventLoop {
@@ -570,7 +655,7 @@ impl EventLoop {
                     Some(peer) => {
                         let mut bare = addr.clone();
                         bare.pop();
-                        self.swarm.behaviour_mut().kad.add_address(&peer, bare);
+                        self.swarm.behaviour_mut().rpc.book.add(peer, [bare]);
                         DialOpts::peer_id(peer).addresses(vec![addr.clone()]).build()
                     }
                     None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
@@ -588,8 +673,15 @@ impl EventLoop {
                     }
                 }
             }
-            Command::AddAddress { peer, addr } => {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            Command::AddAddresses { peer, addrs } => {
+                self.swarm.behaviour_mut().rpc.book.add(peer, addrs);
+            }
+            Command::Closest { key, exclude, reply } => {
+                let _ = reply.send(self.swarm.behaviour().rpc.book.closest(
+                    &key,
+                    routing::K,
+                    exclude.as_ref(),
+                ));
             }
             Command::AddExternalAddress { addr } => {
                 self.swarm.add_external_address(addr);
@@ -598,12 +690,73 @@ impl EventLoop {
             Command::OpenStream { peer, name, reply } => {
                 self.swarm.behaviour_mut().rpc.open_stream(peer, name, reply);
             }
-            Command::FindPeer { peer, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                self.finds.insert(id, (peer, reply));
-            }
             Command::Shutdown { .. } => {}
         }
+    }
+
+    /// Auto relay: reserves a circuit on `relay` (a connected peer offering the hop protocol) while there
+    /// is room and AutoNAT does not call this host public.
+    fn maybe_reserve(&mut self, relay: PeerId) {
+        let public = *self.reachability_tx.borrow() == Reachability::Public;
+        if public
+            || !self.relay_client
+            || self.reservations.len() >= self.auto_relay_reservations
+            || self.reservations.values().any(|p| *p == relay)
+        {
+            return;
+        }
+        let Some(addr) = self
+            .swarm
+            .behaviour()
+            .rpc
+            .book
+            .addresses(&relay)
+            .into_iter()
+            .next()
+        else {
+            return;
+        };
+        let circuit = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                tracing::info!(%relay, "auto relay: reserving a circuit");
+                self.reservations.insert(id, relay);
+            }
+            Err(e) => tracing::debug!(%circuit, error = %e, "auto relay: could not listen"),
+        }
+    }
+
+    /// Answers peer-routing requests on one inbound `/ipfs/kad/1.0.0` stream from the address book.
+    fn serve_kad(&mut self, peer: PeerId, stream: Stream) {
+        let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many inbound calls; resetting a kad stream");
+            return;
+        };
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let closest = |key: KadKey, requester: PeerId| {
+                let me = me.clone();
+                async move {
+                    let Some(commands) = me.upgrade() else {
+                        return Vec::new();
+                    };
+                    let (reply, rx) = oneshot::channel();
+                    let exclude = Some(requester);
+                    if commands
+                        .send(Command::Closest { key, exclude, reply })
+                        .await
+                        .is_err()
+                    {
+                        return Vec::new();
+                    }
+                    rx.await.unwrap_or_default()
+                }
+            };
+            if let Err(e) = routing::serve(stream, peer, KAD_STREAM_IDLE, closest).await {
+                tracing::debug!(%peer, error = %e, "kad stream failed");
+            }
+            drop(permit);
+        });
     }
 
     fn publish_peers(&self) {
@@ -637,42 +790,14 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                id,
-                result: kad::QueryResult::GetClosestPeers(result),
-                step,
-                ..
-            })) => {
-                let Some((peer, _)) = self.finds.get(&id) else {
-                    return;
-                };
-                let peer = *peer;
-                let found = match &result {
-                    Ok(ok) => ok
-                        .peers
-                        .iter()
-                        .find(|p| p.peer_id == peer)
-                        .map(|p| p.addrs.clone()),
-                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => {
-                        peers.iter().find(|p| p.peer_id == peer).map(|p| p.addrs.clone())
-                    }
-                };
-                if let Some(addrs) = &found {
-                    for addr in addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    }
-                }
-                if found.is_some() || step.last {
-                    if let Some((_, reply)) = self.finds.remove(&id) {
-                        let _ = reply.send(found.ok_or(HostError::PeerNotFound(peer)));
-                    }
-                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-                        query.finish();
-                    }
+                let relays = info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP_PROTOCOL);
+                self.swarm
+                    .behaviour_mut()
+                    .rpc
+                    .book
+                    .add(peer_id, info.listen_addrs);
+                if relays {
+                    self.maybe_reserve(peer_id);
                 }
             }
             SwarmEvent::NewListenAddr { listener_id, address } => {
@@ -709,6 +834,9 @@ impl EventLoop {
                         reason: format!("{reason:?}"),
                     }));
                 }
+                if let Some(relay) = self.reservations.remove(&listener_id) {
+                    tracing::info!(%relay, ?reason, "auto relay: circuit closed");
+                }
                 self.publish_addrs();
             }
             SwarmEvent::ConnectionEstablished {
@@ -737,6 +865,9 @@ impl EventLoop {
     }
 
     fn serve(&mut self, peer: PeerId, name: String, stream: Stream) {
+        if name == routing::KAD_PROTOCOL {
+            return self.serve_kad(peer, stream);
+        }
         let handler = self
             .handlers
             .read()

@@ -1,7 +1,8 @@
 //! Apiary's libp2p host and hivemind's RPC protocol.
 //!
-//! [`Host::spawn`] builds a swarm (TCP and QUIC-v1; Noise and TLS; yamux; identify, ping, Kademlia on
-//! `/ipfs/kad/1.0.0` for peer routing; optional relay v2 client and service, DCUtR, AutoNAT, UPnP; the
+//! [`Host::spawn`] builds a swarm (TCP and QUIC-v1; Noise and TLS; yamux; identify, ping, Kademlia's
+//! `/ipfs/kad/1.0.0` for peer routing only ([`routing`]); optional relay v2 client and service with auto
+//! relay, DCUtR, AutoNAT, UPnP; the
 //! hivemind RPC behaviour) and runs it in one task; everything else talks to it through a cloneable
 //! [`P2pHandle`]. hivemind handlers are served and called by name
 //! (`Class.rpc_method`, optionally `namespace::`-prefixed) with hivemind's unary envelope or stream
@@ -16,6 +17,7 @@ pub mod behaviour;
 mod config;
 mod host;
 pub mod identity;
+pub mod routing;
 pub mod rpc;
 mod transport;
 

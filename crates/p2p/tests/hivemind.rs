@@ -130,3 +130,34 @@ async fn hivemind_pings_apiary() {
     let _ = stop_tx.try_send(());
     handle.shutdown().await;
 }
+
+/// Peer routing against Go's kad-dht inside p2pd: an Apiary host that knows only the hivemind peer
+/// finds another Apiary host through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn apiary_finds_a_peer_through_p2pd_kad() {
+    let hivemind = tokio::task::spawn_blocking(|| HivemindPeer::spawn("dht", &[], Duration::from_secs(120)))
+        .await
+        .unwrap();
+    let h: PeerId = hivemind.peer_id().parse().unwrap();
+    let (b, _b_task) = Host::spawn(P2pConfig::default()).unwrap();
+    let b_addr = b.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).await.unwrap();
+    assert_eq!(b.dial(hivemind.maddr().parse().unwrap()).await.unwrap(), h);
+    let (c, _c_task) = Host::spawn(P2pConfig::default()).unwrap();
+    assert_eq!(c.dial(hivemind.maddr().parse().unwrap()).await.unwrap(), h);
+
+    // p2pd adds B to its routing table once identify shows B serves /ipfs/kad/1.0.0: ask until then.
+    let deadline = tokio::time::Instant::now() + T;
+    let found = loop {
+        match c.find_peer_via(b.local_peer_id(), vec![h]).await {
+            Ok(found) => break found,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "not yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("p2pd never named B: {e}"),
+        }
+    };
+    assert!(found.contains(&b_addr), "{found:?} lacks {b_addr}");
+    b.shutdown().await;
+    c.shutdown().await;
+}

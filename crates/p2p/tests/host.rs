@@ -192,30 +192,49 @@ async fn reachability_and_visible_addrs() {
     check_echo(&plain, &full).await;
 }
 
+/// Two hops: C knows only A, A knows only D, D knows B. A hint (D) makes it one question.
 #[tokio::test]
-async fn find_peer_through_kademlia() {
+async fn find_peer_over_two_hops_and_through_a_hint() {
     let (a, a_addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
     let (b, b_addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
-    let (c, _) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    let (d, d_addr) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
     b.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
-    // A knows B (a connection, so B is in A's routing table); C knows only A.
-    a.dial(b_addr.clone().with_p2p(b.local_peer_id()).unwrap())
+    d.dial(b_addr.clone().with_p2p(b.local_peer_id()).unwrap())
         .await
         .unwrap();
-    c.dial(a_addr.with_p2p(a.local_peer_id()).unwrap()).await.unwrap();
-    let found = c.find_peer(b.local_peer_id()).await.unwrap();
-    let bare: Vec<Multiaddr> = found
-        .iter()
-        .map(|a| {
-            let mut a = a.clone();
-            if let Some(Protocol::P2p(_)) = a.iter().last() {
-                a.pop();
-            }
-            a
-        })
-        .collect();
-    assert!(bare.contains(&b_addr), "{found:?} lacks {b_addr}");
+    a.dial(d_addr.clone().with_p2p(d.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    // Each dialer now holds the address it dialed: A has D's, D has B's.
+
+    let (c, _) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    c.dial(a_addr.clone().with_p2p(a.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    let found = tokio::time::timeout(T, c.find_peer(b.local_peer_id()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(found.contains(&b_addr), "{found:?} lacks {b_addr}");
     check_echo(&c, &b).await;
+
+    // A fresh host told that D named B asks D first.
+    let (e, _) = host_on(P2pConfig::default(), "/ip4/127.0.0.1/tcp/0").await;
+    e.add_address(d.local_peer_id(), d_addr).await.unwrap();
+    let found = tokio::time::timeout(T, e.find_peer_via(b.local_peer_id(), vec![d.local_peer_id()]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(found.contains(&b_addr), "{found:?} lacks {b_addr}");
+    check_echo(&e, &b).await;
+
+    // A peer nobody knows: the lookup ends with an error, not a hang.
+    let nobody = libp2p::PeerId::random();
+    let err = tokio::time::timeout(T, c.find_peer(nobody))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains(&nobody.to_string()), "{err}");
 }
 
 #[tokio::test]
@@ -289,4 +308,84 @@ async fn handler_timeout_and_cancellation() {
         !finished.load(Ordering::SeqCst),
         "the handler ran to completion after its caller went away"
     );
+}
+
+/// AutoNAT (LAN settings, so loopback counts): a host its peer can dial back is public; a host whose
+/// only address refuses connections is behind NAT.
+#[tokio::test]
+async fn autonat_tells_public_from_private() {
+    let lan = || P2pConfig {
+        autonat: true,
+        autonat_boot_delay: Duration::from_millis(200),
+        autonat_only_global_ips: false,
+        ..P2pConfig::default()
+    };
+    let (server, server_addr) = host_on(lan(), "/ip4/127.0.0.1/tcp/0").await;
+    let server_full = server_addr.with_p2p(server.local_peer_id()).unwrap();
+
+    let (open, _) = host_on(lan(), "/ip4/127.0.0.1/tcp/0").await;
+    open.dial(server_full.clone()).await.unwrap();
+    let mut status = open.reachability();
+    tokio::time::timeout(T, status.wait_for(|r| *r == Reachability::Public))
+        .await
+        .expect("AutoNAT never reported the listening host public")
+        .unwrap();
+
+    // an address nothing listens on: bind a port, then free it
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (hidden, _task) = Host::spawn(lan()).unwrap();
+    hidden
+        .add_external_address(format!("/ip4/127.0.0.1/tcp/{closed}").parse().unwrap())
+        .await
+        .unwrap();
+    hidden.dial(server_full).await.unwrap();
+    let mut status = hidden.reachability();
+    tokio::time::timeout(T, status.wait_for(|r| *r == Reachability::Private))
+        .await
+        .expect("AutoNAT never reported the unreachable host private")
+        .unwrap();
+}
+
+/// Auto relay: a host that only dialed a relay (found through identify) becomes reachable through it.
+#[tokio::test]
+async fn auto_relay_reserves_on_a_connected_relay() {
+    let relay_config = P2pConfig {
+        relay_service: Some(RelayLimits::default()),
+        ..P2pConfig::default()
+    };
+    let (relay, relay_addr) = host_on(relay_config, "/ip4/127.0.0.1/tcp/0").await;
+    relay.add_external_address(relay_addr.clone()).await.unwrap();
+    let relay_full = relay_addr.with_p2p(relay.local_peer_id()).unwrap();
+
+    let (b, _) = Host::spawn(P2pConfig {
+        relay_client: true,
+        auto_relay_reservations: 2,
+        ..P2pConfig::default()
+    })
+    .unwrap();
+    b.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    b.dial(relay_full.clone()).await.unwrap();
+    let mut visible = b.visible_addrs();
+    tokio::time::timeout(
+        T,
+        visible.wait_for(|a| a.iter().any(|a| a.iter().any(|p| p == Protocol::P2pCircuit))),
+    )
+    .await
+    .expect("no relayed address appeared")
+    .unwrap();
+
+    let (c, _) = Host::spawn(P2pConfig {
+        relay_client: true,
+        ..P2pConfig::default()
+    })
+    .unwrap();
+    let b_via_relay = relay_full
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(b.local_peer_id()));
+    assert_eq!(c.dial(b_via_relay).await.unwrap(), b.local_peer_id());
+    check_echo(&c, &b).await;
 }
