@@ -1,0 +1,137 @@
+//! [`ExpertBackend`]: an expert with its optimizer, schedule and clipping — hivemind's `ModuleBackend`.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::BackendConfig;
+use crate::error::{ExpertError, Result};
+use crate::optim::{Optimizer, global_norm};
+use crate::util::with_f32;
+use crate::zoo::{Expert, Gradients};
+
+/// An expert that trains itself on every backward call, as hivemind's `ModuleBackend` does:
+/// `backward` re-runs the forward pass, computes gradients for the inputs and parameters, optionally clips
+/// the parameters' global gradient norm, and applies one optimizer step at the scheduled learning rate.
+///
+/// Stricter than hivemind: non-finite gradients (in `grad_outputs` or in the parameters' gradients) are
+/// rejected with [`ExpertError::NonFiniteGradient`] and no step is taken.
+#[derive(Debug)]
+pub struct ExpertBackend {
+    expert: Expert,
+    config: BackendConfig,
+    optimizer: Optimizer,
+}
+
+/// What one backward call did besides returning the input gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The learning rate the step used.
+    pub lr: f64,
+    /// The parameters' global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The factor the gradients were multiplied by (1 without clipping).
+    pub clip_coef: f64,
+}
+
+impl ExpertBackend {
+    /// Wraps `expert` with the optimizer, schedule and clipping of `config`.
+    pub fn new(expert: Expert, config: BackendConfig) -> Result<Self> {
+        if let Some(c) = config.clip_grad_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(ExpertError::BadConfig(format!(
+                "clip_grad_norm {c} must be finite and positive"
+            )));
+        }
+        let optimizer = Optimizer::new(config.optimizer, expert.param_names().len())?;
+        Ok(Self {
+            expert,
+            config,
+            optimizer,
+        })
+    }
+
+    /// The expert (for checkpoints and inspection).
+    pub fn expert(&self) -> &Expert {
+        &self.expert
+    }
+
+    /// The training config.
+    pub fn config(&self) -> &BackendConfig {
+        &self.config
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.optimizer.steps()
+    }
+
+    /// The learning rate the next step will use (base rate × schedule factor).
+    pub fn current_lr(&self) -> f64 {
+        self.config.optimizer.lr() * self.config.schedule.factor(self.optimizer.steps())
+    }
+
+    /// Outputs for a batch, without gradients.
+    pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.expert.forward(inputs)
+    }
+
+    /// Gradients of the inputs for a batch, after which the expert takes one optimizer step.
+    pub fn backward(&mut self, inputs: &[Tensor], grad_outputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        Ok(self.backward_with_report(inputs, grad_outputs)?.0)
+    }
+
+    /// [`Self::backward`], also returning what the step did.
+    pub fn backward_with_report(
+        &mut self,
+        inputs: &[Tensor],
+        grad_outputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, StepReport)> {
+        for (i, g) in grad_outputs.iter().enumerate() {
+            let finite = with_f32(g, "grad_outputs", |s| s.iter().all(|v| v.is_finite()))?;
+            if !finite {
+                return Err(ExpertError::NonFiniteGradient {
+                    what: format!("grad_outputs[{i}]"),
+                });
+            }
+        }
+        let grads = self.expert.backward(inputs, grad_outputs)?;
+        let report = self.apply(&grads)?;
+        Ok((grads.inputs, report))
+    }
+
+    /// Applies one optimizer step with already computed gradients (clipping and schedule included).
+    pub fn apply(&mut self, grads: &Gradients) -> Result<StepReport> {
+        let norm = global_norm(&grads.params)?;
+        if !norm.is_finite() {
+            return Err(ExpertError::NonFiniteGradient {
+                what: "parameter gradients".into(),
+            });
+        }
+        // (masks' gradients are integer zeros: nothing to check)
+        for (i, g) in grads
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.dtype() == DType::F32)
+        {
+            if with_f32(g, "input grad", |s| s.iter().any(|v| !v.is_finite()))? {
+                return Err(ExpertError::NonFiniteGradient {
+                    what: format!("input gradient {i}"),
+                });
+            }
+        }
+        // torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), clamped to 1
+        let clip_coef = match self.config.clip_grad_norm {
+            Some(max) => (max / (norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        let lr = self.current_lr();
+        self.optimizer
+            .step(self.expert.param_vars(), &grads.params, lr, clip_coef as f32)?;
+        Ok(StepReport {
+            lr,
+            grad_norm: norm,
+            clip_coef,
+        })
+    }
+}

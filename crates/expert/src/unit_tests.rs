@@ -1,0 +1,344 @@
+//! Unit tests: the fast paths against the reference path, checkpoints, and the backend's rules.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::util::SplitMix64;
+use crate::*;
+
+fn rand(rng: &mut SplitMix64, shape: &[usize], scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(rng.uniform(scale, n), shape, &Device::Cpu).unwrap()
+}
+
+/// An expert whose LayerNorm weights are random too, so every gradient path is exercised.
+fn randomized(kind: ExpertKind, h: usize, seed: u64) -> Expert {
+    let e = Expert::new(ExpertConfig::new(kind, h), seed).unwrap();
+    let mut rng = SplitMix64::new(seed ^ 0xABCD);
+    let map: HashMap<String, Tensor> = e
+        .state_dict()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n.contains("norm") {
+                let base = if n.ends_with("weight") { 1.0 } else { 0.0 };
+                (rand(&mut rng, t.dims(), 0.5) + base).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    Expert::from_tensors(ExpertConfig::new(kind, h), map).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn inputs_for(kind: ExpertKind, b: usize, h: usize, rng: &mut SplitMix64) -> Vec<Tensor> {
+    match kind {
+        ExpertKind::Ffn | ExpertKind::Nop => vec![rand(rng, &[b, h], 1.0)],
+        ExpertKind::DetDropout => {
+            let mask = rand(rng, &[b, h], 1.0)
+                .ge(0f32)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            vec![rand(rng, &[b, h], 1.0), mask]
+        }
+        ExpertKind::Transformer => {
+            let s = 5;
+            let mut m = vec![0f32; b * s];
+            m[s - 1] = 1.0;
+            m[2 * s - 2] = 1.0;
+            vec![
+                rand(rng, &[b, s, h], 1.0),
+                Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap(),
+            ]
+        }
+    }
+}
+
+#[test]
+fn ffn_fast_path_matches_the_autograd_reference() {
+    let (b, h) = (7, 32);
+    let e = randomized(ExpertKind::Ffn, h, 1);
+    let mut rng = SplitMix64::new(2);
+    let x = rand(&mut rng, &[b, h], 2.0);
+    let g = rand(&mut rng, &[b, h], 1.0);
+    let fast = e.forward(std::slice::from_ref(&x)).unwrap();
+    let slow = e.forward_reference(std::slice::from_ref(&x)).unwrap();
+    assert!(max_rel_diff(&fast[0], &slow[0]) < 1e-5);
+    let fast = e
+        .backward(std::slice::from_ref(&x), std::slice::from_ref(&g))
+        .unwrap();
+    let slow = e
+        .backward_reference(std::slice::from_ref(&x), std::slice::from_ref(&g))
+        .unwrap();
+    let d = max_rel_diff(&fast.inputs[0], &slow.inputs[0]);
+    assert!(d < 1e-5, "input grad differs by {d}");
+    for (i, (f, s)) in fast.params.iter().zip(&slow.params).enumerate() {
+        let d = max_rel_diff(f, s);
+        assert!(d < 1e-5, "grad of {} differs by {d}", e.param_names()[i]);
+    }
+}
+
+#[test]
+fn reference_gradients_match_finite_differences() {
+    // checks the autograd reference itself (in f64 terms, loosely: f32 central differences)
+    for kind in [
+        ExpertKind::Ffn,
+        ExpertKind::Transformer,
+        ExpertKind::DetDropout,
+        ExpertKind::Nop,
+    ] {
+        let (b, h) = (2, 16);
+        let e = randomized(kind, h, 3);
+        let mut rng = SplitMix64::new(4);
+        let inputs = inputs_for(kind, b, h, &mut rng);
+        let g = rand(&mut rng, inputs[0].dims(), 1.0);
+        let grads = e.backward_reference(&inputs, std::slice::from_ref(&g)).unwrap();
+        let loss = |x: &Tensor| -> f64 {
+            let mut inp = inputs.clone();
+            inp[0] = x.clone();
+            let out = e.forward_reference(&inp).unwrap();
+            (&out[0] * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let x = inputs[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gx = grads.inputs[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in [0, 3, x.len() - 1] {
+            let eps = 1e-2f32;
+            let mut xp = x.clone();
+            xp[i] += eps;
+            let mut xm = x.clone();
+            xm[i] -= eps;
+            let shape = inputs[0].dims();
+            let fd = (loss(&Tensor::from_vec(xp, shape, &Device::Cpu).unwrap())
+                - loss(&Tensor::from_vec(xm, shape, &Device::Cpu).unwrap()))
+                / (2.0 * eps as f64);
+            assert!(
+                (fd - gx[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()),
+                "{kind} x[{i}]: fd {fd} vs {}",
+                gx[i]
+            );
+        }
+        // the fast/default path agrees with the reference for every kind
+        let fast = e.backward(&inputs, std::slice::from_ref(&g)).unwrap();
+        assert!(max_rel_diff(&fast.inputs[0], &grads.inputs[0]) < 1e-5, "{kind}");
+    }
+}
+
+#[test]
+fn checkpoints_round_trip_with_torch_names() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ExpertKind::ALL {
+        let e = randomized(kind, 16, 5);
+        let path = dir.path().join(format!("{kind}.safetensors"));
+        e.save(&path).unwrap();
+        let back = Expert::load(ExpertConfig::new(kind, 16), &path).unwrap();
+        assert_eq!(back.param_names(), e.param_names());
+        for ((_, a), (_, b)) in e.state_dict().iter().zip(back.state_dict().iter()) {
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        // wrong size is a typed error
+        assert!(
+            matches!(
+                Expert::load(ExpertConfig::new(kind, 32), &path),
+                Err(ExpertError::Shape { .. })
+            ) || kind == ExpertKind::Nop
+        );
+    }
+    assert_eq!(randomized(ExpertKind::Ffn, 16, 5).param_names()[0], "ffn.weight");
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let e = Expert::new(ExpertConfig::new(ExpertKind::Ffn, 8), 0).unwrap();
+    let x = Tensor::zeros((3, 9), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(e.forward(&[x]), Err(ExpertError::Shape { .. })));
+    let x = Tensor::zeros((0, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(e.forward(&[x]), Err(ExpertError::EmptyBatch)));
+    assert!(matches!(e.forward(&[]), Err(ExpertError::Arity { .. })));
+    assert!(matches!(
+        Expert::new(ExpertConfig::new(ExpertKind::Transformer, 24), 0),
+        Err(ExpertError::BadHiddenDim { .. })
+    ));
+    assert!(matches!(
+        "moe".parse::<ExpertKind>(),
+        Err(ExpertError::UnknownKind { .. })
+    ));
+    assert_eq!(
+        "det_dropout".parse::<ExpertKind>().unwrap(),
+        ExpertKind::DetDropout
+    );
+}
+
+#[test]
+fn non_finite_gradients_are_refused_without_a_step() {
+    let e = randomized(ExpertKind::Ffn, 8, 6);
+    let before: Vec<Vec<f32>> = e
+        .state_dict()
+        .iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let mut backend = ExpertBackend::new(e, BackendConfig::default()).unwrap();
+    let x = Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mut g = vec![0.5f32; 16];
+    g[3] = f32::NAN;
+    let g = Tensor::from_vec(g, (2, 8), &Device::Cpu).unwrap();
+    assert!(matches!(
+        backend.backward(std::slice::from_ref(&x), &[g]),
+        Err(ExpertError::NonFiniteGradient { .. })
+    ));
+    let big = Tensor::full(f32::MAX, (2, 8), &Device::Cpu).unwrap();
+    assert!(matches!(
+        backend.backward(&[x], &[big]),
+        Err(ExpertError::NonFiniteGradient { .. })
+    ));
+    assert_eq!(backend.steps(), 0);
+    let after: Vec<Vec<f32>> = backend
+        .expert()
+        .state_dict()
+        .iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn linear_schedule_is_hiveminds() {
+    let s = ScheduleConfig::Linear {
+        warmup_steps: 4,
+        training_steps: 10,
+    };
+    let f: Vec<f64> = (0..12).map(|t| s.factor(t)).collect();
+    let want = [
+        0.0,
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+        5.0 / 6.0,
+        4.0 / 6.0,
+        0.5,
+        2.0 / 6.0,
+        1.0 / 6.0,
+        0.0,
+        0.0,
+    ];
+    for (a, b) in f.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{f:?}");
+    }
+    assert_eq!(ScheduleConfig::None.factor(100), 1.0);
+}
+
+#[test]
+fn clipping_scales_the_step() {
+    let e = randomized(ExpertKind::Ffn, 8, 7);
+    let cfg = BackendConfig {
+        optimizer: OptimizerConfig::sgd(),
+        clip_grad_norm: Some(1e-3),
+        ..BackendConfig::default()
+    };
+    let mut backend = ExpertBackend::new(e, cfg).unwrap();
+    let mut rng = SplitMix64::new(8);
+    let x = rand(&mut rng, &[4, 8], 1.0);
+    let g = rand(&mut rng, &[4, 8], 1.0);
+    let (_, report) = backend.backward_with_report(&[x], &[g]).unwrap();
+    assert!(report.grad_norm > 1e-3);
+    assert!((report.clip_coef - 1e-3 / (report.grad_norm + 1e-6)).abs() < 1e-12);
+    assert_eq!(backend.steps(), 1);
+}
+
+#[test]
+fn ffn_fast_path_matches_across_parallel_chunks() {
+    // 150 rows × 256 features spans several of the kernels' parallel chunks
+    let (b, h) = (150, 64);
+    let e = randomized(ExpertKind::Ffn, h, 9);
+    let mut rng = SplitMix64::new(10);
+    let x = rand(&mut rng, &[b, h], 3.0);
+    let g = rand(&mut rng, &[b, h], 1.0);
+    let fast = e
+        .backward(std::slice::from_ref(&x), std::slice::from_ref(&g))
+        .unwrap();
+    let slow = e
+        .backward_reference(std::slice::from_ref(&x), std::slice::from_ref(&g))
+        .unwrap();
+    assert!(max_rel_diff(&fast.inputs[0], &slow.inputs[0]) < 1e-5);
+    for (f, s) in fast.params.iter().zip(&slow.params) {
+        assert!(max_rel_diff(f, s) < 1e-5);
+    }
+    let fwd = e.forward(std::slice::from_ref(&x)).unwrap();
+    assert!(max_rel_diff(&fwd[0], &e.forward_reference(&[x]).unwrap()[0]) < 1e-5);
+}
+
+#[test]
+fn backends_move_to_compute_threads() {
+    fn send<T: Send + 'static>() {}
+    send::<ExpertBackend>();
+    send::<Expert>();
+}
+
+#[test]
+fn masks_may_come_as_integers() {
+    let mut rng = SplitMix64::new(12);
+    for kind in [ExpertKind::Transformer, ExpertKind::DetDropout] {
+        let e = randomized(kind, 16, 13);
+        let inputs = inputs_for(kind, 2, 16, &mut rng);
+        let g = rand(&mut rng, inputs[0].dims(), 1.0);
+        let want = e.forward(&inputs).unwrap();
+        let want_grads = e.backward(&inputs, std::slice::from_ref(&g)).unwrap();
+        for dtype in [candle_core::DType::U8, candle_core::DType::I64] {
+            let as_int = vec![inputs[0].clone(), inputs[1].to_dtype(dtype).unwrap()];
+            let got = e.forward(&as_int).unwrap();
+            assert_eq!(max_rel_diff(&got[0], &want[0]), 0.0, "{kind} {dtype:?}");
+            let grads = e.backward(&as_int, std::slice::from_ref(&g)).unwrap();
+            assert_eq!(max_rel_diff(&grads.inputs[0], &want_grads.inputs[0]), 0.0);
+            // the mask's gradient is zeros of the mask's own dtype, as hivemind returns
+            assert_eq!(grads.inputs[1].dtype(), dtype);
+            let mut backend = ExpertBackend::new(randomized(kind, 16, 13), BackendConfig::default()).unwrap();
+            let dx = backend.backward(&as_int, std::slice::from_ref(&g)).unwrap();
+            assert_eq!(max_rel_diff(&dx[0], &want_grads.inputs[0]), 0.0);
+            assert_eq!(backend.steps(), 1);
+        }
+    }
+    let e = randomized(ExpertKind::Ffn, 8, 14);
+    let x = Tensor::zeros((2, 8), candle_core::DType::U8, &Device::Cpu).unwrap();
+    assert!(matches!(e.forward(&[x]), Err(ExpertError::NotF32Cpu { .. })));
+}
+
+#[test]
+fn transformer_fast_path_matches_the_autograd_reference() {
+    let (b, h) = (3, 32);
+    let e = randomized(ExpertKind::Transformer, h, 15);
+    let mut rng = SplitMix64::new(16);
+    let inputs = inputs_for(ExpertKind::Transformer, b, h, &mut rng);
+    let g = rand(&mut rng, inputs[0].dims(), 1.0);
+    let fast = e.forward(&inputs).unwrap();
+    let slow = e.forward_reference(&inputs).unwrap();
+    assert!(max_rel_diff(&fast[0], &slow[0]) < 1e-5);
+    let fast = e.backward(&inputs, std::slice::from_ref(&g)).unwrap();
+    let slow = e.backward_reference(&inputs, std::slice::from_ref(&g)).unwrap();
+    let d = max_rel_diff(&fast.inputs[0], &slow.inputs[0]);
+    assert!(d < 1e-5, "input grad differs by {d}");
+    assert_eq!(fast.inputs[1].dims(), inputs[1].dims());
+    for (i, (f, s)) in fast.params.iter().zip(&slow.params).enumerate() {
+        let d = max_rel_diff(f, s);
+        assert!(d < 1e-5, "grad of {} differs by {d}", e.param_names()[i]);
+    }
+}
