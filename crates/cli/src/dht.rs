@@ -50,7 +50,7 @@ enum DhtCommand {
 
 /// Node options, named as in hivemind's `hivemind-dht`.
 #[derive(Debug, Args, Clone)]
-struct NodeArgs {
+pub(crate) struct NodeArgs {
     /// Multiaddrs to listen on.
     #[arg(long, num_args = 1.., default_value = "/ip4/0.0.0.0/tcp/0")]
     host_maddrs: Vec<Multiaddr>,
@@ -66,7 +66,7 @@ struct NodeArgs {
     identity_path: Option<PathBuf>,
     /// Take no incoming DHT requests and stay out of others' routing tables (for firewalled peers).
     #[arg(long)]
-    client_mode: bool,
+    pub(crate) client_mode: bool,
     /// Dial peers through circuit relays and relay for others (libp2p circuit relay v2, client and
     /// service), as hivemind's `use_relay`.
     #[arg(long)]
@@ -130,7 +130,7 @@ async fn serve(node: NodeArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
-async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
+pub(crate) async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
     let keypair = match &node.identity_path {
         Some(path) if path.exists() => Some(
             apiary_p2p::identity::load(path).with_context(|| format!("identity file {}", path.display()))?,
@@ -180,7 +180,7 @@ async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHand
 const AUTO_RELAY_RESERVATIONS: usize = 2;
 
 /// Full `/p2p/` multiaddrs others can dial: the announced ones, else the listening ones.
-async fn visible_maddrs(p2p: &P2pHandle, node: &NodeArgs) -> Vec<String> {
+pub(crate) async fn visible_maddrs(p2p: &P2pHandle, node: &NodeArgs) -> Vec<String> {
     let id = p2p.local_peer_id();
     if !node.announce_maddrs.is_empty() {
         return node

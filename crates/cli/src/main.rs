@@ -10,6 +10,7 @@ mod bench;
 mod dht;
 mod json;
 mod output;
+mod server;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,8 @@ struct Cli {
 enum Command {
     /// Run a DHT node (like hivemind-dht), or get/store one key.
     Dht(Box<dht::DhtArgs>),
+    /// Host experts that hivemind trainers call (like hivemind-server).
+    Server(Box<server::ServerArgs>),
     /// Benchmarks measured the way hivemind's benchmark scripts measure.
     Bench(bench::BenchArgs),
 }
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Dht(args) => dht::run(*args, &out).await,
+            Command::Server(args) => server::run(*args, &out).await,
             Command::Bench(args) => bench::run(args, &out).await,
         }
     });

@@ -1,89 +1,18 @@
 //! The real `apiary` binary: `apiary dht` as a long-running node, `apiary dht get/store` one-shots, real
 //! hivemind 1.1.12 peers reading and writing through it, exit codes and clean shutdown.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
-use apiary_testkit::{HivemindPeer, hivemind_oneshot};
-use serde_json::{Value, json};
-
-const APIARY: &str = env!("CARGO_BIN_EXE_apiary");
-
-/// A running `apiary --json dht`, stopped with SIGTERM on drop.
-struct Node {
-    child: Child,
-    ready: Value,
-}
-
-impl Node {
-    fn start(args: &[&str]) -> Node {
-        let mut child = Command::new(APIARY)
-            .args(["--json", "-q", "dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("apiary starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let ready: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
-        assert_eq!(ready["event"], "ready");
-        Node { child, ready }
-    }
-
-    fn maddr(&self) -> String {
-        self.ready["maddrs"][0].as_str().expect("maddrs").to_owned()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
-        let status = self.child.wait().expect("wait");
-        std::mem::forget(self);
-        status
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `apiary --json ARGS…`: its one result line, or panics with stderr.
-fn apiary(args: &[&str]) -> Value {
-    let out = Command::new(APIARY)
-        .arg("--json")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("apiary runs");
-    assert!(
-        out.status.success(),
-        "apiary {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8");
-    assert_eq!(stdout.lines().count(), 1, "one result line, got {stdout:?}");
-    serde_json::from_str(stdout.trim()).expect("JSON result")
-}
-
-/// `hivemind_peer.py MODE ARGS…` one-shot: its result line.
-fn hivemind(mode: &str, args: &[&str]) -> Value {
-    let last = hivemind_oneshot(&[&[mode][..], args].concat());
-    assert_eq!(last["event"], "result", "hivemind {mode} failed: {last}");
-    last
-}
+use apiary_testkit::HivemindPeer;
+use common::{APIARY, Node, apiary, hivemind};
+use serde_json::json;
 
 #[test]
 fn store_and_get_through_the_cli_and_with_hivemind() {
-    let node = Node::start(&[]);
+    let node = Node::start(&["dht"]);
     let m = node.maddr();
     let client = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers", &m];
 

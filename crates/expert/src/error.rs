@@ -80,6 +80,46 @@ pub enum ExpertError {
     /// An optimizer or schedule setting is out of range.
     #[error("invalid training config: {0}")]
     BadConfig(String),
+
+    /// The expert's task queue is full; the task was not accepted (try again later or elsewhere).
+    #[error("expert {uid:?} is overloaded: {queued_rows} rows queued, limit {limit}; try again later")]
+    Overloaded {
+        /// The expert.
+        uid: String,
+        /// Rows already queued for the expert (in the pool the task was meant for).
+        queued_rows: usize,
+        /// The most rows the pool queues.
+        limit: usize,
+    },
+
+    /// A task has more rows than one batch may hold.
+    #[error("task has {rows} rows but a batch holds at most {max}")]
+    BatchTooLarge {
+        /// Rows in the task.
+        rows: usize,
+        /// The runtime's `max_batch_size`.
+        max: usize,
+    },
+
+    /// No expert with this uid is served here.
+    #[error("unknown expert {0:?}")]
+    UnknownExpert(String),
+
+    /// The runtime is paused (its gate is `Stop`); the task was not computed.
+    #[error("the expert runtime is paused; try again later")]
+    Paused,
+
+    /// The runtime is shut down (or its compute thread ended); the task was not computed.
+    #[error("the expert runtime has stopped")]
+    Stopped,
+
+    /// A task is malformed (e.g. its tensors disagree on the number of rows).
+    #[error("bad task: {0}")]
+    BadTask(String),
+
+    /// The runtime's compute thread could not be started.
+    #[error("cannot start the expert runtime thread: {0}")]
+    Spawn(#[source] std::io::Error),
 }
 
 /// `Result` with [`ExpertError`].

@@ -44,6 +44,9 @@ mod ffn;
 mod graph;
 mod kernels;
 mod optim;
+pub mod runtime;
+pub mod schema;
+pub mod server;
 mod transformer;
 mod util;
 mod zoo;
@@ -51,6 +54,7 @@ mod zoo;
 pub use backend::{ExpertBackend, StepReport};
 pub use config::{BackendConfig, ExpertConfig, ExpertKind, OptimizerConfig, ScheduleConfig};
 pub use error::{ExpertError, Result};
+pub use runtime::{ExpertStats, Gate, Runtime, RuntimeConfig, RuntimeHandle, RuntimeStats};
 pub use zoo::{Expert, Gradients};
 
 #[cfg(test)]
