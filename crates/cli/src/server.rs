@@ -382,6 +382,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn checkpoints_load_and_a_corrupted_one_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ExpertConfig::new(ExpertKind::Ffn, 8);
+        let saved = Expert::new(config, 3).unwrap();
+        let path = checkpoint_path(dir.path(), "ffn.0.0");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        saved.save(&path).unwrap();
+        let loaded = load_or_init(config, "ffn.0.0", Some(dir.path())).unwrap();
+        let weights = |e: &Expert| -> Vec<Vec<f32>> {
+            e.state_dict()
+                .iter()
+                .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        assert_eq!(weights(&loaded), weights(&saved));
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let fresh = load_or_init(config, "ffn.0.0", Some(dir.path())).unwrap();
+        assert_ne!(weights(&fresh), weights(&saved));
+    }
+
+    #[test]
     fn patterns_and_uids() {
         let p = Pattern::parse("ffn.[0:4].[0:8]").unwrap();
         assert_eq!(p.size(), 32);
