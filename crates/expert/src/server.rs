@@ -341,14 +341,70 @@ fn split_uid(uid_or_prefix: &str) -> Option<(String, i64)> {
 }
 
 /// hivemind's `DHTHandlerThread`: declares `uids` now and every `update_period` with
-/// `expiration = now + expiration`, until [`Declarer::withdraw`].
+/// `expiration = now + expiration`; [`Declarer::pause`] withdraws the declarations until
+/// [`Declarer::resume`], [`Declarer::withdraw`] for good.
+///
+/// A withdrawal overwrites every record with an empty value that outlives the last declaration: DHT nodes
+/// refuse a store whose expiration is earlier than the one they hold, so "expire it now" has to be a newer
+/// record. Trainers that read the DHT after it stop routing here at once.
 #[derive(Debug)]
 pub struct Declarer {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<f64>,
+    shared: Arc<DeclarerShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct DeclarerShared {
     dht: DhtHandle,
     uids: Vec<String>,
     peer: String,
+    expiration: Duration,
+    /// Serializes declaring and withdrawing, so a late re-declaration never lands after a withdrawal.
+    state: tokio::sync::Mutex<DeclareState>,
+}
+
+#[derive(Debug, Default)]
+struct DeclareState {
+    /// The expiration of the newest record written (declaration or withdrawal).
+    until: f64,
+    withdrawn: bool,
+}
+
+impl DeclarerShared {
+    /// Declares now (unless withdrawn); returns how many records were stored.
+    async fn declare(&self, force: bool) -> usize {
+        let mut state = self.state.lock().await;
+        if state.withdrawn && !force {
+            return 0;
+        }
+        // never below a withdrawal's expiration, or nodes would refuse the new declaration
+        let exp = (get_dht_time() + self.expiration.as_secs_f64()).max(state.until + 1.0);
+        let entries = declarations(&self.uids, &self.peer, exp);
+        let ok = self.dht.store_many(entries, false).await.unwrap_or_default();
+        state.until = exp;
+        state.withdrawn = false;
+        ok.iter().filter(|o| **o).count()
+    }
+
+    async fn withdraw(&self) {
+        let mut state = self.state.lock().await;
+        if state.withdrawn {
+            return;
+        }
+        let exp = state.until + 1.0;
+        let entries: Vec<StoreEntry> = declarations(&self.uids, &self.peer, exp)
+            .into_iter()
+            .map(|e| StoreEntry {
+                value: Value::Nil,
+                ..e
+            })
+            .collect();
+        if let Err(e) = self.dht.store_many(entries, false).await {
+            tracing::warn!(error = %e, "could not withdraw the expert declarations");
+        }
+        state.until = exp;
+        state.withdrawn = true;
+    }
 }
 
 impl Declarer {
@@ -359,63 +415,41 @@ impl Declarer {
         update_period: Duration,
         expiration: Duration,
     ) -> (Self, usize) {
-        let peer = dht.peer_id().to_base58();
-        let declare = {
-            let dht = dht.clone();
-            let uids = uids.clone();
-            let peer = peer.clone();
-            move || {
-                let dht = dht.clone();
-                let entries = declarations(&uids, &peer, get_dht_time() + expiration.as_secs_f64());
-                let until = entries.first().map(|e| e.expiration).unwrap_or(0.0);
-                async move {
-                    let ok = dht.store_many(entries, false).await.unwrap_or_default();
-                    (ok.iter().filter(|o| **o).count(), until)
-                }
-            }
-        };
-        let (stored, mut until) = declare().await;
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(DeclarerShared {
+            peer: dht.peer_id().to_base58(),
+            dht,
+            uids,
+            expiration,
+            state: tokio::sync::Mutex::new(DeclareState::default()),
+        });
+        let stored = shared.declare(true).await;
+        let weak = Arc::downgrade(&shared);
         let task = tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(update_period) => {
-                        let (stored, next) = declare().await;
-                        tracing::debug!(stored, "re-declared experts");
-                        until = next;
-                    }
-                    _ = stopped.changed() => return until,
-                }
+                tokio::time::sleep(update_period).await;
+                let Some(shared) = weak.upgrade() else { return };
+                let stored = shared.declare(false).await;
+                tracing::debug!(stored, "re-declared experts");
             }
         });
-        (
-            Self {
-                stop,
-                task,
-                dht,
-                uids,
-                peer,
-            },
-            stored,
-        )
+        (Self { shared, task }, stored)
     }
 
-    /// Stops re-declaring and overwrites every declaration with an empty value that outlives the last
-    /// one, so trainers reading the DHT stop routing here at once (a store with an earlier expiration
-    /// would be refused by DHT nodes, so a withdrawal has to be a newer record).
+    /// Withdraws the declarations and stops refreshing them until [`Declarer::resume`] (e.g. while the
+    /// volunteer's PC is in use and the runtime's gate is closed).
+    pub async fn pause(&self) {
+        self.shared.withdraw().await;
+    }
+
+    /// Declares again at once and goes on refreshing.
+    pub async fn resume(&self) -> usize {
+        self.shared.declare(true).await
+    }
+
+    /// Stops refreshing and withdraws the declarations for good.
     pub async fn withdraw(self) {
-        let _ = self.stop.send(true);
-        let until = self.task.await.unwrap_or_else(|_| get_dht_time() + 60.0);
-        let entries: Vec<StoreEntry> = declarations(&self.uids, &self.peer, until + 1.0)
-            .into_iter()
-            .map(|e| StoreEntry {
-                value: Value::Nil,
-                ..e
-            })
-            .collect();
-        if let Err(e) = self.dht.store_many(entries, false).await {
-            tracing::warn!(error = %e, "could not withdraw the expert declarations");
-        }
+        self.task.abort();
+        self.shared.withdraw().await;
     }
 }
 

@@ -169,3 +169,65 @@ async fn bad_requests_get_errors_and_others_are_served() {
     assert_eq!(response.tensors[0].size, vec![5, H as u32]);
     runtime.shutdown().await;
 }
+
+/// Declarations as hivemind's `declare_experts` writes them; pause withdraws them (readers see an empty
+/// record at once), resume declares again, withdraw ends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declarations_pause_resume_and_withdraw() {
+    use apiary_dht::{Dht, DhtConfig, Found};
+    use apiary_expert::server::Declarer;
+    use apiary_wire::msgpack::Value;
+
+    let (server_p2p, server_addr) = host().await;
+    let server_dht = Dht::spawn(server_p2p.clone(), DhtConfig::default(), vec![])
+        .await
+        .unwrap();
+    let (reader_p2p, _) = host().await;
+    let reader = Dht::spawn(reader_p2p.clone(), DhtConfig::default(), vec![server_addr])
+        .await
+        .unwrap();
+    let uids = vec!["ffn.0.3".to_owned(), "ffn.1.2".to_owned()];
+    let (declarer, stored) = Declarer::start(
+        server_dht.clone(),
+        uids,
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(stored, 4, "two uid keys and two prefix sub-keys");
+    let peer = Value::str(server_p2p.local_peer_id().to_base58());
+    let uid_value = |found: Option<Found>| match found {
+        Some(Found::Regular { value, .. }) => value,
+        other => panic!("expected a regular value, got {other:?}"),
+    };
+    let prefix_value = |found: Option<Found>| match found {
+        Some(Found::Dictionary { entries, .. }) => entries
+            .into_iter()
+            .find(|(k, _, _)| *k == Value::from(3))
+            .map(|(_, v, _)| v)
+            .unwrap(),
+        other => panic!("expected a dictionary, got {other:?}"),
+    };
+    let get = |key: &str| {
+        let reader = reader.clone();
+        let key = Value::str(key);
+        async move { reader.get(key, true).await.unwrap() }
+    };
+    assert_eq!(uid_value(get("ffn.0.3").await), peer);
+    assert_eq!(
+        prefix_value(get("ffn.0.").await),
+        Value::Tuple(vec![Value::str("ffn.0.3"), peer.clone()])
+    );
+
+    declarer.pause().await;
+    assert_eq!(uid_value(get("ffn.0.3").await), Value::Nil);
+    assert_eq!(prefix_value(get("ffn.0.").await), Value::Nil);
+
+    assert_eq!(declarer.resume().await, 4);
+    assert_eq!(uid_value(get("ffn.1.2").await), peer);
+
+    declarer.withdraw().await;
+    assert_eq!(uid_value(get("ffn.1.2").await), Value::Nil);
+    reader.shutdown().await;
+    server_dht.shutdown().await;
+}
