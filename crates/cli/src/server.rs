@@ -76,7 +76,7 @@ pub struct ServerArgs {
     /// Seconds declarations live (default max(2 × update period, 3)).
     #[arg(long)]
     expiration: Option<f64>,
-    /// cpu (a CUDA build is a separate `cuda` feature).
+    /// cpu (the only device this build computes on; CUDA support is not built yet).
     #[arg(long, default_value = "cpu")]
     device: String,
     #[command(flatten)]
