@@ -15,9 +15,17 @@
 //! `benchmark_dht.py` measure) with the same parameters, by default the issue's
 //! `--num-peers 64 --initial-peers 4 --total-num-rounds 8 --num-store-peers 8 --num-get-peers 8
 //! --failure-rate 0.1`, and prints the side-by-side table (also `target/bench/dht.md`).
+//!
+//! `bench server [--experts 4 --clients 4 --batches 8 --batch 256 --hidden 1024 --forward-only]`
+//! measures hivemind's `benchmark_throughput.py` three ways: (a) `apiary bench server` (Apiary clients →
+//! Apiary server, plus the same work in-process), (b) `tests/interop/bench_server.py --initial-peers` of
+//! a running `apiary server` (hivemind clients → Apiary server), (c) `bench_server.py` alone (hivemind
+//! clients → hivemind server); table in `target/bench/server.md`.
 
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -45,6 +53,7 @@ struct Measure {
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("dht") => dht(&args[1..]),
+        Some("server") => server(&args[1..]),
         Some("codecs") => codecs(&args[1..]),
         _ => codecs(args),
     }
@@ -288,13 +297,7 @@ fn dht(args: &[String]) -> Result<()> {
             })
             .collect()
     };
-    let env = setup::all()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    step(
-        "build the apiary binary (release)",
-        Command::new(&cargo).args(["build", "--release", "--quiet", "-p", "apiary-cli"]),
-    )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), Into::into);
+    let (env, target) = setup_and_build_apiary()?;
     let apiary = one_json(
         "Apiary: all DHT nodes in one process",
         Command::new(target.join("release/apiary"))
@@ -350,4 +353,235 @@ fn dht_table(apiary: &Value, hivemind: &Value, params: &[String]) -> Result<Stri
         4.0 * h / peers
     )?;
     Ok(t)
+}
+
+/// `(flag, default)` of the server benchmark: the issue's preset.
+const SERVER_DEFAULTS: &[(&str, &str)] = &[
+    ("--experts", "4"),
+    ("--clients", "4"),
+    ("--batches", "8"),
+    ("--batch", "256"),
+    ("--hidden", "1024"),
+];
+
+fn server(args: &[String]) -> Result<()> {
+    let mut values: Vec<(String, String)> = SERVER_DEFAULTS
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let mut forward_only = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--forward-only" {
+            forward_only = true;
+            continue;
+        }
+        let Some(slot) = values.iter_mut().find(|(k, _)| k == a) else {
+            bail!(
+                "unknown argument {a:?}; usage: cargo xtask bench server [--experts N] [--clients N] \
+                 [--batches N] [--batch N] [--hidden N] [--forward-only]"
+            );
+        };
+        let v = it.next().filter(|v| v.parse::<usize>().is_ok_and(|n| n > 0));
+        slot.1 = v.with_context(|| format!("{a} needs a positive number"))?.clone();
+    }
+    let get = |k: &str| -> usize {
+        values
+            .iter()
+            .find(|(key, _)| key == k)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (experts, hidden) = (get("--experts"), get("--hidden"));
+    let mut params: Vec<String> = values.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect();
+    if forward_only {
+        params.push("--forward-only".to_owned());
+    }
+
+    let (env, target) = setup_and_build_apiary()?;
+    let apiary_bin = target.join("release/apiary");
+    let script = root().join("tests/interop/bench_server.py");
+
+    let apiary = one_json(
+        "(a) Apiary clients → Apiary server, all in one process (and the same work in-process)",
+        Command::new(&apiary_bin)
+            .args(["--json", "-q", "bench", "server"])
+            .args(&params),
+    )?;
+
+    // (b) a standalone `apiary server` with the same experts, hivemind clients aimed at it
+    let uids: Vec<String> = (0..experts).map(|i| format!("expert.{i}")).collect();
+    let mut serve = Command::new(&apiary_bin);
+    serve
+        .args(["--json", "-q", "server", "--expert-uids"])
+        .args(&uids)
+        .args(["--hidden-dim", &hidden.to_string(), "--max-batch-size", "4096"])
+        .args(["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]);
+    eprintln!("\n==> start an Apiary expert server\n    $ {}", show(&serve));
+    let mut child = serve
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("could not start `{}`", show(&serve)))?;
+    let served = (|| -> Result<(Value, Option<f64>)> {
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the server's ready line")?;
+        let ready: Value = serde_json::from_str(&line).with_context(|| format!("bad ready line {line:?}"))?;
+        let maddr = ready["maddrs"][0]
+            .as_str()
+            .context("the ready line has no maddrs")?
+            .to_owned();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let idle_mb = pss_mb(child.id());
+        let result = one_json(
+            "(b) hivemind clients → the Apiary server",
+            Command::new(&env.hivemind_python)
+                .arg(&script)
+                .args(["--initial-peers", &maddr])
+                .args(&params),
+        )?;
+        Ok((result, idle_mb))
+    })();
+    stop(&mut child);
+    let (cross, apiary_server_mb) = served?;
+
+    let hivemind = one_json(
+        "(c) hivemind clients → hivemind server (benchmark_throughput.py's measure)",
+        Command::new(&env.hivemind_python).arg(&script).args(&params),
+    )?;
+    let report = server_table(&apiary, &cross, &hivemind, apiary_server_mb, &params)?;
+    publish("server.md", &report)
+}
+
+/// SIGTERM (a clean shutdown), then SIGKILL if it has not exited after 10 s.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A process's proportional resident memory, in MiB.
+fn pss_mb(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn server_table(
+    apiary: &Value,
+    cross: &Value,
+    hivemind: &Value,
+    apiary_server_mb: Option<f64>,
+    params: &[String],
+) -> Result<String> {
+    let num = |v: &Value, k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {v}"));
+    let (a, x, h) = (
+        num(apiary, "samples_per_s")?,
+        num(cross, "samples_per_s")?,
+        num(hivemind, "samples_per_s")?,
+    );
+    let local = num(apiary, "local_samples_per_s")?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut t = String::new();
+    writeln!(
+        t,
+        "## Expert server: hivemind's benchmark_throughput.py measure (`{}`), `ffn` experts\n",
+        params.join(" ")
+    )?;
+    writeln!(t, "Machine: {cpu}, {cores} CPUs; all three runs back to back.\n")?;
+    writeln!(
+        t,
+        "| clients → server | samples/s | vs hivemind → hivemind | batch-1 forward (ms) |"
+    )?;
+    writeln!(t, "|---|---|---|---|")?;
+    for (label, v, s) in [
+        ("Apiary → Apiary", apiary, a),
+        ("hivemind → Apiary", cross, x),
+        ("hivemind → hivemind", hivemind, h),
+    ] {
+        writeln!(
+            t,
+            "| {label} | {s:.0} | {:.2}× | {:.2} |",
+            s / h,
+            num(v, "batch1_forward_ms")?
+        )?;
+    }
+    writeln!(t)?;
+    writeln!(t, "| measure | value | target |")?;
+    writeln!(t, "|---|---|---|")?;
+    writeln!(
+        t,
+        "| Apiary server ÷ hivemind server (Apiary clients / hivemind clients) | {:.2}× | ≥ 1.5× |",
+        a / h
+    )?;
+    writeln!(
+        t,
+        "| Apiary server ÷ hivemind server (both with hivemind clients) | {:.2}× | |",
+        x / h
+    )?;
+    writeln!(
+        t,
+        "| Apiary in-process rate, same work (samples/s) | {local:.0} | |"
+    )?;
+    writeln!(
+        t,
+        "| Apiary server as % of its in-process rate | {:.0}% | ≥ 90% |",
+        100.0 * a / local
+    )?;
+    let apiary_mb = num(apiary, "server_rss_mb")?;
+    let hivemind_mb = num(hivemind, "server_rss_mb")?;
+    writeln!(
+        t,
+        "| idle server memory, PSS (MiB): Apiary (in `bench server`) / hivemind process tree | {apiary_mb:.0} / {hivemind_mb:.0} = {:.2} | ≤ 0.25 |",
+        apiary_mb / hivemind_mb
+    )?;
+    if let Some(mb) = apiary_server_mb {
+        writeln!(
+            t,
+            "| idle `apiary server` process (with its DHT), PSS (MiB) | {mb:.0} ({:.2} of hivemind's) | ≤ 0.25 |",
+            mb / hivemind_mb
+        )?;
+    }
+    let (a1, h1) = (
+        num(apiary, "batch1_forward_ms")?,
+        num(hivemind, "batch1_forward_ms")?,
+    );
+    writeln!(
+        t,
+        "| batch-1 forward round trip (ms): Apiary → Apiary / hivemind → hivemind | {a1:.2} / {h1:.2} ({:.1}× faster) | |",
+        h1 / a1
+    )?;
+    Ok(t)
+}
+
+/// Installs what the benchmarks need and builds the release `apiary`; returns the setup and the target dir.
+fn setup_and_build_apiary() -> Result<(setup::Env, PathBuf)> {
+    let env = setup::all()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    step(
+        "build the apiary binary (release)",
+        Command::new(&cargo).args(["build", "--release", "--quiet", "-p", "apiary-cli"]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), Into::into);
+    Ok((env, target))
 }

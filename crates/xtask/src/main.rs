@@ -6,6 +6,7 @@
 //! cargo xtask golden   regenerate the golden vectors with real hivemind (crates/wire/tests/golden)
 //! cargo xtask bench    tensor codec benchmark, Apiary and hivemind side by side on this machine
 //! cargo xtask bench dht   DHT benchmark, Apiary and hivemind side by side on this machine
+//! cargo xtask bench server   expert server throughput (benchmark_throughput.py), Apiary and hivemind
 //! ```
 //!
 //! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
@@ -48,7 +49,8 @@ const HELP: &str = "usage: cargo xtask <test|setup|golden|bench>
   setup   install prerequisites only (system packages, cached hivemind venv)
   golden  regenerate crates/wire/tests/golden with real hivemind
   bench   [codecs] tensor codec benchmark beside hivemind's serialize/deserialize on this machine
-  bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's";
+  bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's
+  bench server     expert server throughput (benchmark_throughput.py measure): Apiary and hivemind";
 
 /// The workspace root (the folder holding the top `Cargo.toml`).
 ///
