@@ -10,7 +10,8 @@ use apiary_expert::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use apiary_expert::schema::ExpertSchema;
 use apiary_expert::server::{Declarer, ExpertServer};
 use apiary_expert::{
-    BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind, OptimizerConfig, ScheduleConfig,
+    BackendConfig, CHECKPOINT_FILE, Expert, ExpertBackend, ExpertConfig, ExpertKind, OptimizerConfig,
+    ScheduleConfig,
 };
 use apiary_wire::msgpack::Value;
 use apiary_wire::proto::runtime::CompressionType;
@@ -66,7 +67,8 @@ pub struct ServerArgs {
     /// UNIFORM_8BIT, BLOCKWISE_8BIT.
     #[arg(long, default_value = "NONE")]
     compression: String,
-    /// Save each expert here (`<dir>/<uid>/checkpoint.safetensors`) every --update-period and on exit;
+    /// Save each expert here (`<dir>/<uid>/checkpoint.safetensors` and its optimizer state) every
+    /// --update-period and on exit;
     /// load from it on start.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
@@ -101,10 +103,9 @@ pub async fn run(args: ServerArgs, out: &Output) -> Result<()> {
     let mut schemas = HashMap::new();
     for uid in &uids {
         let config = ExpertConfig::new(kind, args.hidden_dim);
-        let expert = load_or_init(config, uid, args.checkpoint_dir.as_deref())?;
         backends.push((
             uid.clone(),
-            ExpertBackend::new(expert, backend).context("expert backend")?,
+            load_or_init(config, backend, uid, args.checkpoint_dir.as_deref())?,
         ));
         schemas.insert(
             uid.clone(),
@@ -335,39 +336,39 @@ fn seed() -> u64 {
         | 1
 }
 
-fn checkpoint_path(dir: &Path, uid: &str) -> PathBuf {
-    dir.join(uid).join("checkpoint.safetensors")
-}
-
-/// The expert's last checkpoint, or fresh weights; a corrupted checkpoint is reported and skipped.
-fn load_or_init(config: ExpertConfig, uid: &str, dir: Option<&Path>) -> Result<Expert> {
+/// The expert's last checkpoint (weights and optimizer state), or a fresh expert; a corrupted checkpoint
+/// is reported and skipped.
+fn load_or_init(
+    config: ExpertConfig,
+    backend: BackendConfig,
+    uid: &str,
+    dir: Option<&Path>,
+) -> Result<ExpertBackend> {
     if let Some(dir) = dir {
-        let path = checkpoint_path(dir, uid);
-        if path.exists() {
-            match Expert::load(config, &path) {
-                Ok(expert) => {
-                    tracing::info!(%uid, path = %path.display(), "loaded checkpoint");
-                    return Ok(expert);
+        let dir = dir.join(uid);
+        if dir.join(CHECKPOINT_FILE).exists() {
+            match ExpertBackend::load_checkpoint(config, backend, &dir) {
+                Ok((loaded, None)) => {
+                    tracing::info!(%uid, steps = loaded.steps(), "loaded checkpoint");
+                    return Ok(loaded);
                 }
-                Err(e) => tracing::warn!(%uid, path = %path.display(), "skipping a bad checkpoint: {e}"),
+                Ok((loaded, Some(why))) => {
+                    tracing::warn!(%uid, "loaded the weights; the optimizer starts afresh: {why}");
+                    return Ok(loaded);
+                }
+                Err(e) => tracing::warn!(%uid, dir = %dir.display(), "skipping a bad checkpoint: {e}"),
             }
         }
     }
-    Ok(Expert::new(config, seed())?)
+    Ok(ExpertBackend::new(Expert::new(config, seed())?, backend)?)
 }
 
-/// Saves every expert atomically (a temporary file, then a rename), between compute batches.
+/// Saves every expert (weights and optimizer state, each written atomically), between compute batches.
 async fn save_all(runtime: &RuntimeHandle, uids: &[String], dir: &Path) {
     for uid in uids {
-        let path = checkpoint_path(dir, uid);
+        let path = dir.join(uid);
         let result = runtime
-            .with_backend(uid, move |backend| -> std::result::Result<(), String> {
-                let parent = path.parent().ok_or("no parent directory")?;
-                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-                let tmp = path.with_extension("safetensors.tmp");
-                backend.expert().save(&tmp).map_err(|e| e.to_string())?;
-                std::fs::rename(&tmp, &path).map_err(|e| e.to_string())
-            })
+            .with_backend(uid, move |backend| backend.save_checkpoint(&path))
             .await;
         match result {
             Ok(Ok(())) => tracing::debug!(%uid, "checkpoint saved"),
@@ -386,20 +387,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = ExpertConfig::new(ExpertKind::Ffn, 8);
         let saved = Expert::new(config, 3).unwrap();
-        let path = checkpoint_path(dir.path(), "ffn.0.0");
+        let path = dir.path().join("ffn.0.0").join(CHECKPOINT_FILE);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         saved.save(&path).unwrap();
-        let loaded = load_or_init(config, "ffn.0.0", Some(dir.path())).unwrap();
+        let loaded = load_or_init(config, BackendConfig::default(), "ffn.0.0", Some(dir.path())).unwrap();
+        let loaded = loaded.expert();
         let weights = |e: &Expert| -> Vec<Vec<f32>> {
             e.state_dict()
                 .iter()
                 .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
                 .collect()
         };
-        assert_eq!(weights(&loaded), weights(&saved));
+        assert_eq!(weights(loaded), weights(&saved));
         std::fs::write(&path, b"not safetensors").unwrap();
-        let fresh = load_or_init(config, "ffn.0.0", Some(dir.path())).unwrap();
-        assert_ne!(weights(&fresh), weights(&saved));
+        let fresh = load_or_init(config, BackendConfig::default(), "ffn.0.0", Some(dir.path())).unwrap();
+        assert_ne!(weights(fresh.expert()), weights(&saved));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! [`ExpertBackend`]: an expert with its optimizer, schedule and clipping — hivemind's `ModuleBackend`.
 
+use std::path::Path;
+
 use candle_core::{DType, Tensor};
 
 use crate::config::BackendConfig;
@@ -7,6 +9,11 @@ use crate::error::{ExpertError, Result};
 use crate::optim::{Optimizer, global_norm};
 use crate::util::with_f32;
 use crate::zoo::{Expert, Gradients};
+
+/// The expert's parameters in a checkpoint directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The optimizer's state in a checkpoint directory.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// An expert that trains itself on every backward call, as hivemind's `ModuleBackend` does:
 /// `backward` re-runs the forward pass, computes gradients for the inputs and parameters, optionally clips
@@ -68,6 +75,60 @@ impl ExpertBackend {
     /// The learning rate the next step will use (base rate × schedule factor).
     pub fn current_lr(&self) -> f64 {
         self.config.optimizer.lr() * self.config.schedule.factor(self.optimizer.steps())
+    }
+
+    /// Saves the expert (`<dir>/checkpoint.safetensors`, torch `state_dict` names) and the optimizer's
+    /// state with its step count, which the schedule follows (`<dir>/optimizer.safetensors`), each written
+    /// to a temporary file first and renamed into place, so a crash never leaves half a checkpoint.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let io = |problem: std::io::Error| ExpertError::Checkpoint {
+            path: dir.to_owned(),
+            problem: problem.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let params = dir.join(CHECKPOINT_FILE);
+        let tmp = params.with_extension("safetensors.tmp");
+        self.expert.save(&tmp)?;
+        std::fs::rename(&tmp, &params).map_err(io)?;
+        let state = self.optimizer.state_tensors(self.expert.param_names())?;
+        let path = dir.join(OPTIMIZER_FILE);
+        let tmp = path.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&state, &tmp)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    }
+
+    /// Loads an expert saved by [`ExpertBackend::save_checkpoint`] from `dir`. A missing or unreadable
+    /// optimizer state (or one of another optimizer) is not an error: the expert resumes with a fresh
+    /// optimizer, and the second value says why.
+    pub fn load_checkpoint(
+        expert_config: crate::ExpertConfig,
+        config: BackendConfig,
+        dir: &Path,
+    ) -> Result<(Self, Option<String>)> {
+        let expert = Expert::load(expert_config, &dir.join(CHECKPOINT_FILE))?;
+        let mut backend = Self::new(expert, config)?;
+        let path = dir.join(OPTIMIZER_FILE);
+        if !path.exists() {
+            return Ok((backend, Some("no optimizer state".into())));
+        }
+        let numels: Vec<usize> = backend
+            .expert
+            .param_vars()
+            .iter()
+            .map(|v| v.elem_count())
+            .collect();
+        let loaded = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+            .map_err(ExpertError::from)
+            .and_then(|map| {
+                backend
+                    .optimizer
+                    .load_state(backend.expert.param_names(), &numels, &map)
+            });
+        Ok(match loaded {
+            Ok(()) => (backend, None),
+            Err(e) => (backend, Some(e.to_string())),
+        })
     }
 
     /// Outputs for a batch, without gradients.

@@ -51,7 +51,7 @@ mod transformer;
 mod util;
 mod zoo;
 
-pub use backend::{ExpertBackend, StepReport};
+pub use backend::{CHECKPOINT_FILE, ExpertBackend, OPTIMIZER_FILE, StepReport};
 pub use config::{BackendConfig, ExpertConfig, ExpertKind, OptimizerConfig, ScheduleConfig};
 pub use error::{ExpertError, Result};
 pub use runtime::{ExpertStats, Gate, Runtime, RuntimeConfig, RuntimeHandle, RuntimeStats};

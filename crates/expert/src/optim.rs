@@ -1,8 +1,9 @@
 //! Fused, in-place optimizers over contiguous f32 buffers, with torch's exact update rules.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::config::OptimizerConfig;
@@ -182,6 +183,89 @@ impl Optimizer {
     /// Steps taken so far.
     pub(crate) fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The state as named tensors: `kind` (0 Adam, 1 AdamW, 2 SGD), `steps`, and per parameter
+    /// `a.<name>` / `b.<name>` (torch's `exp_avg` / `exp_avg_sq`, or SGD's `momentum_buffer`) once they exist.
+    pub(crate) fn state_tensors(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
+        let mut map = HashMap::new();
+        map.insert("kind".to_owned(), Tensor::new(&[self.kind()], &Device::Cpu)?);
+        map.insert(
+            "steps".to_owned(),
+            Tensor::new(&[self.steps as i64], &Device::Cpu)?,
+        );
+        for (name, state) in names.iter().zip(&self.state) {
+            for (prefix, buf) in [("a", &state.a), ("b", &state.b)] {
+                if !buf.is_empty() {
+                    map.insert(
+                        format!("{prefix}.{name}"),
+                        Tensor::from_slice(buf, buf.len(), &Device::Cpu)?,
+                    );
+                }
+            }
+        }
+        Ok(map)
+    }
+
+    /// Restores [`Optimizer::state_tensors`]; `numels` are the parameters' element counts. Refuses a state
+    /// of another optimizer or shape, changing nothing.
+    pub(crate) fn load_state(
+        &mut self,
+        names: &[String],
+        numels: &[usize],
+        map: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let bad = |problem: String| ExpertError::BadConfig(format!("optimizer state: {problem}"));
+        let scalar_u8 = |key: &str| -> Result<u8> {
+            let t = map.get(key).ok_or_else(|| bad(format!("no `{key}`")))?;
+            Ok(t.to_dtype(candle_core::DType::U8)?
+                .flatten_all()?
+                .to_vec1::<u8>()?
+                .first()
+                .copied()
+                .unwrap_or(u8::MAX))
+        };
+        if scalar_u8("kind")? != self.kind() {
+            return Err(bad("it belongs to another optimizer".into()));
+        }
+        let steps_t = map.get("steps").ok_or_else(|| bad("no `steps`".into()))?;
+        let steps = steps_t
+            .to_dtype(candle_core::DType::I64)?
+            .flatten_all()?
+            .to_vec1::<i64>()?;
+        let steps = u64::try_from(*steps.first().ok_or_else(|| bad("empty `steps`".into()))?)
+            .map_err(|_| bad("negative `steps`".into()))?;
+        let mut state = Vec::with_capacity(names.len());
+        for (name, numel) in names.iter().zip(numels) {
+            let mut one = ParamState::default();
+            for (prefix, buf) in [("a", &mut one.a), ("b", &mut one.b)] {
+                if let Some(t) = map.get(&format!("{prefix}.{name}")) {
+                    let v = t
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    if v.len() != *numel {
+                        return Err(bad(format!(
+                            "`{prefix}.{name}` has {} values, the parameter {numel}",
+                            v.len()
+                        )));
+                    }
+                    *buf = v;
+                }
+            }
+            state.push(one);
+        }
+        self.state = state;
+        self.steps = steps;
+        Ok(())
+    }
+
+    fn kind(&self) -> u8 {
+        match self.config {
+            OptimizerConfig::Adam { .. } => 0,
+            OptimizerConfig::AdamW { .. } => 1,
+            OptimizerConfig::Sgd { .. } => 2,
+        }
     }
 
     /// One step with learning rate `lr` on `params`, each gradient multiplied by `grad_scale` first

@@ -342,3 +342,73 @@ fn transformer_fast_path_matches_the_autograd_reference() {
         assert!(d < 1e-5, "grad of {} differs by {d}", e.param_names()[i]);
     }
 }
+
+/// A backend saved after two steps and loaded again takes the same third step as one never interrupted:
+/// Adam's moments and the step count (which the schedule follows) come back with the weights.
+#[test]
+fn checkpoints_carry_the_optimizer_state() {
+    let h = 8;
+    let config = BackendConfig {
+        optimizer: OptimizerConfig::adam(),
+        schedule: ScheduleConfig::Linear {
+            warmup_steps: 2,
+            training_steps: 10,
+        },
+        clip_grad_norm: None,
+    };
+    let mut rng = SplitMix64::new(5);
+    let batches: Vec<(Tensor, Tensor)> = (0..3)
+        .map(|_| (rand(&mut rng, &[4, h], 1.0), rand(&mut rng, &[4, h], 1.0)))
+        .collect();
+    let mut straight = ExpertBackend::new(randomized(ExpertKind::Ffn, h, 9), config).unwrap();
+    let mut resumed = ExpertBackend::new(randomized(ExpertKind::Ffn, h, 9), config).unwrap();
+    for (x, g) in &batches[..2] {
+        straight
+            .backward(std::slice::from_ref(x), std::slice::from_ref(g))
+            .unwrap();
+        resumed
+            .backward(std::slice::from_ref(x), std::slice::from_ref(g))
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    resumed.save_checkpoint(dir.path()).unwrap();
+    let (mut resumed, why) =
+        ExpertBackend::load_checkpoint(ExpertConfig::new(ExpertKind::Ffn, h), config, dir.path()).unwrap();
+    assert_eq!(why, None);
+    assert_eq!(resumed.steps(), 2);
+    let (x, g) = &batches[2];
+    straight
+        .backward(std::slice::from_ref(x), std::slice::from_ref(g))
+        .unwrap();
+    resumed
+        .backward(std::slice::from_ref(x), std::slice::from_ref(g))
+        .unwrap();
+    for ((name, a), (_, b)) in straight
+        .expert()
+        .state_dict()
+        .iter()
+        .zip(resumed.expert().state_dict())
+    {
+        assert_eq!(max_rel_diff(a, &b), 0.0, "{name}");
+    }
+
+    // another optimizer's state is not loaded; the expert still is
+    let sgd = BackendConfig {
+        optimizer: OptimizerConfig::sgd(),
+        ..config
+    };
+    let (fresh, why) =
+        ExpertBackend::load_checkpoint(ExpertConfig::new(ExpertKind::Ffn, h), sgd, dir.path()).unwrap();
+    assert!(why.unwrap().contains("another optimizer"));
+    assert_eq!(fresh.steps(), 0);
+    // a corrupted optimizer file: same
+    std::fs::write(dir.path().join(OPTIMIZER_FILE), b"garbage").unwrap();
+    let (_, why) =
+        ExpertBackend::load_checkpoint(ExpertConfig::new(ExpertKind::Ffn, h), config, dir.path()).unwrap();
+    assert!(why.is_some());
+    // a corrupted expert file is an error
+    std::fs::write(dir.path().join(CHECKPOINT_FILE), b"garbage").unwrap();
+    assert!(
+        ExpertBackend::load_checkpoint(ExpertConfig::new(ExpertKind::Ffn, h), config, dir.path()).is_err()
+    );
+}
