@@ -78,6 +78,9 @@ pub struct ServerArgs {
     /// Seconds declarations live (default max(2 × update period, 3)).
     #[arg(long)]
     expiration: Option<f64>,
+    /// Log each expert's throughput every this many seconds (hivemind's `stats_report_interval`).
+    #[arg(long)]
+    stats_report_interval: Option<f64>,
     /// cpu (the only device this build computes on; CUDA support is not built yet).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -149,7 +152,14 @@ pub async fn run(args: ServerArgs, out: &Output) -> Result<()> {
             }
         })
     });
+    let reports = args
+        .stats_report_interval
+        .filter(|s| *s > 0.0)
+        .map(|secs| tokio::spawn(report_stats(runtime.clone(), Duration::from_secs_f64(secs))));
     crate::shutdown_signal().await;
+    if let Some(task) = reports {
+        task.abort();
+    }
     tracing::info!("shutting down: withdrawing declarations");
     declarer.withdraw().await;
     ExpertServer::unregister(&p2p);
@@ -204,6 +214,30 @@ fn backend_config(args: &ServerArgs) -> Result<BackendConfig> {
         schedule,
         clip_grad_norm: args.clip_grad_norm,
     })
+}
+
+/// Logs, every `period`, each expert's batches and rows since the last report and the share of the time
+/// the runtime spent computing it.
+async fn report_stats(runtime: RuntimeHandle, period: Duration) {
+    let mut last = runtime.stats();
+    loop {
+        tokio::time::sleep(period).await;
+        let now = runtime.stats();
+        for (e, before) in now.experts.iter().zip(&last.experts) {
+            let busy = e.busy.saturating_sub(before.busy).as_secs_f64() / period.as_secs_f64();
+            tracing::info!(
+                uid = %e.uid,
+                forward_rows = e.forward_rows - before.forward_rows,
+                backward_rows = e.backward_rows - before.backward_rows,
+                failed_batches = e.failed_batches - before.failed_batches,
+                steps = e.optimizer_steps,
+                busy_percent = format!("{:.0}", 100.0 * busy),
+                "expert stats"
+            );
+        }
+        tracing::info!(queued_rows = now.queued_rows, gate = ?now.gate, "runtime stats");
+        last = now;
+    }
 }
 
 /// The uids to host: `--expert-uids`, or `--num-experts` sampled from `--expert-pattern` avoiding uids
