@@ -2,22 +2,12 @@
 //! `cargo run --release -p apiary-expert --example transformer_bench -- [HID_DIM] [BATCH] [SEQ] [ITERS]`;
 //! results on stderr (fastest / median iteration).
 
-use std::time::Instant;
+mod common;
 
 use anyhow::Result;
 use apiary_expert::{Expert, ExpertConfig, ExpertKind};
 use candle_core::{DType, Device, Tensor};
-
-fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
-    let mut t = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        f()?;
-        t.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok((t[0], t[t.len() / 2]))
-}
+use common::time;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());

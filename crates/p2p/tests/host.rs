@@ -96,9 +96,9 @@ async fn security_choices() {
     assert!(client.dial(full).await.is_err());
 }
 
-#[tokio::test]
-async fn call_through_a_relay() {
-    // A: the relay, announcing its loopback address as external (a relay serves only with one).
+/// A relay service announcing its loopback address as external (a relay serves only with one); returns it
+/// and its full `/p2p/` address.
+async fn relay() -> (P2pHandle, Multiaddr) {
     let relay_config = P2pConfig {
         relay_service: Some(RelayLimits::default()),
         ..P2pConfig::default()
@@ -106,6 +106,13 @@ async fn call_through_a_relay() {
     let (relay, relay_addr) = host_on(relay_config, "/ip4/127.0.0.1/tcp/0").await;
     relay.add_external_address(relay_addr.clone()).await.unwrap();
     let relay_full = relay_addr.with_p2p(relay.local_peer_id()).unwrap();
+    (relay, relay_full)
+}
+
+#[tokio::test]
+async fn call_through_a_relay() {
+    // A: the relay.
+    let (_relay, relay_full) = relay().await;
 
     // B: listens only through the relay.
     let client_config = || P2pConfig {
@@ -353,13 +360,7 @@ async fn autonat_tells_public_from_private() {
 /// Auto relay: a host that only dialed a relay (found through identify) becomes reachable through it.
 #[tokio::test]
 async fn auto_relay_reserves_on_a_connected_relay() {
-    let relay_config = P2pConfig {
-        relay_service: Some(RelayLimits::default()),
-        ..P2pConfig::default()
-    };
-    let (relay, relay_addr) = host_on(relay_config, "/ip4/127.0.0.1/tcp/0").await;
-    relay.add_external_address(relay_addr.clone()).await.unwrap();
-    let relay_full = relay_addr.with_p2p(relay.local_peer_id()).unwrap();
+    let (_relay, relay_full) = relay().await;
 
     let (b, _) = Host::spawn(P2pConfig {
         relay_client: true,
