@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::DhtConfig;
 use crate::DhtExpiration;
 use crate::protocol::{
-    FindOutcome, PingFollowUp, ProtocolState, StoreItem, build_find_request, build_ping_request,
-    build_store_request, parse_find_response, parse_store_response, responder_node_id,
+    FindOutcome, IncomingPeer, PingFollowUp, ProtocolState, RequestError, StoreItem, build_find_request,
+    build_ping_request, build_store_request, parse_find_response, parse_store_response, responder_node_id,
 };
 use crate::storage::{StoredValue, ValueWithExpiration};
 use crate::traverse::{NeighborsReply, TraverseParams, traverse_dht};
@@ -361,36 +361,16 @@ impl Owner {
                     request,
                     reply,
                 } => {
-                    let now = get_dht_time();
-                    match self.protocol.rpc_store(sender, &request, now) {
-                        Ok((response, incoming)) => {
-                            let _ = reply.send(Ok(response));
-                            if let Some(p) = incoming {
-                                self.update_routing(Some(p.node_id), p.peer_id, true);
-                            }
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e.to_string()));
-                        }
-                    }
+                    let result = self.protocol.rpc_store(sender, &request, get_dht_time());
+                    self.answer(result, reply);
                 }
                 Command::Find {
                     sender,
                     request,
                     reply,
                 } => {
-                    let now = get_dht_time();
-                    match self.protocol.rpc_find(sender, &request, now) {
-                        Ok((response, incoming)) => {
-                            let _ = reply.send(Ok(response));
-                            if let Some(p) = incoming {
-                                self.update_routing(Some(p.node_id), p.peer_id, true);
-                            }
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e.to_string()));
-                        }
-                    }
+                    let result = self.protocol.rpc_find(sender, &request, get_dht_time());
+                    self.answer(result, reply);
                 }
                 Command::Routing {
                     node_id,
@@ -419,6 +399,26 @@ impl Owner {
                 }
             }
             .boxed()
+        }
+    }
+
+    /// Replies to a served `rpc_store`/`rpc_find` and adds a sender that named its node id to the
+    /// routing table (hivemind's `update_routing_table` for incoming requests).
+    fn answer<R>(
+        &mut self,
+        result: Result<(R, Option<IncomingPeer>), RequestError>,
+        reply: oneshot::Sender<Result<R, String>>,
+    ) {
+        match result {
+            Ok((response, incoming)) => {
+                let _ = reply.send(Ok(response));
+                if let Some(p) = incoming {
+                    self.update_routing(Some(p.node_id), p.peer_id, true);
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+            }
         }
     }
 
