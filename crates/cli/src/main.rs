@@ -7,6 +7,7 @@
 //! shut down cleanly. Options that hivemind's CLIs have keep hivemind's names in kebab-case.
 
 mod bench;
+mod demo;
 mod dht;
 mod json;
 mod output;
@@ -38,6 +39,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job on its embedded default: a local swarm trains a small language model (no GPU, no
+    /// network), kills a volunteer half-way, and shows the loss, a sample and each volunteer's share.
+    Demo(Box<demo::DemoArgs>),
     /// Run a DHT node (like hivemind-dht), or get/store one key.
     Dht(Box<dht::DhtArgs>),
     /// Host experts that hivemind trainers call (like hivemind-server).
@@ -48,7 +52,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    // the demo speaks for itself on stdout; its nodes' logs only with -v
+    let quiet_default = matches!(cli.command, Command::Demo(_));
+    init_logging(cli.verbose, cli.quiet, quiet_default);
     let out = output::Output::new(cli.json);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Demo(args) => demo::run(*args, &out).await,
             Command::Dht(args) => dht::run(*args, &out).await,
             Command::Server(args) => server::run(*args, &out).await,
             Command::Bench(args) => bench::run(args, &out).await,
@@ -73,9 +80,10 @@ fn fail(err: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+fn init_logging(verbose: u8, quiet: bool, quiet_default: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
+        (false, 0) if quiet_default => "warn",
         (false, 0) => "info",
         (false, 1) => "debug",
         (false, _) => "trace",

@@ -30,6 +30,25 @@ impl Output {
         }
     }
 
+    /// Whether stdout is machine-readable.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// One JSON event line (`--json` only; people get [`Output::say`]'s text instead).
+    pub fn event(&self, value: Json) {
+        if self.json {
+            println!("{value}");
+        }
+    }
+
+    /// Text for people (nothing with `--json`).
+    pub fn say(&self, text: &str) {
+        if !self.json {
+            println!("{text}");
+        }
+    }
+
     /// The result of a one-shot command: one JSON line, or pretty JSON for people.
     pub fn result(&self, value: Json) {
         if self.json {

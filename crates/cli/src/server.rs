@@ -15,6 +15,7 @@ use apiary_expert::{
 };
 use apiary_wire::msgpack::Value;
 use apiary_wire::proto::runtime::CompressionType;
+use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 
@@ -81,7 +82,7 @@ pub struct ServerArgs {
     /// Log each expert's throughput every this many seconds (hivemind's `stats_report_interval`).
     #[arg(long)]
     stats_report_interval: Option<f64>,
-    /// cpu (the only device this build computes on; CUDA support is not built yet).
+    /// Where the experts compute: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
     #[command(flatten)]
@@ -89,9 +90,7 @@ pub struct ServerArgs {
 }
 
 pub async fn run(args: ServerArgs, out: &Output) -> Result<()> {
-    if args.device != "cpu" {
-        bail!("--device {}: this build computes on the CPU only", args.device);
-    }
+    let device = parse_device(&args.device)?;
     let kind: ExpertKind = args.expert_cls.parse().context("--expert-cls")?;
     let compression = compression_type(&args.compression)?;
     let backend = backend_config(&args)?;
@@ -108,7 +107,9 @@ pub async fn run(args: ServerArgs, out: &Output) -> Result<()> {
         let config = ExpertConfig::new(kind, args.hidden_dim);
         backends.push((
             uid.clone(),
-            load_or_init(config, backend, uid, args.checkpoint_dir.as_deref())?,
+            load_or_init(config, backend, uid, args.checkpoint_dir.as_deref())?
+                .to_device(&device)
+                .with_context(|| format!("moving {uid} to {}", args.device))?,
         ));
         schemas.insert(
             uid.clone(),
@@ -368,6 +369,25 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
         | 1
+}
+
+/// `cpu`, `cuda` or `cuda:N` as a candle device (`cuda` needs a build with the `cuda` feature and a GPU).
+fn parse_device(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "--device {name}: this apiary was built without CUDA support; build it with \
+             `cargo build --release -p apiary-cli --features cuda` (needs the CUDA toolkit)"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {name}: opening the GPU"))
 }
 
 /// The expert's last checkpoint (weights and optimizer state), or a fresh expert; a corrupted checkpoint

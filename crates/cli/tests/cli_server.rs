@@ -189,3 +189,28 @@ fn hivemind_moe_trains_against_three_apiary_servers() {
     assert!(after["value"].is_null(), "still declared after SIGTERM: {after}");
     assert!(a.terminate().success());
 }
+
+/// `--device` names the GPU; a build without the `cuda` feature says so and how to get one, and a
+/// malformed name is refused — each in one line, before anything starts.
+#[test]
+fn device_choice_is_checked_up_front() {
+    let run = |device: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_apiary"))
+            .args(["--json", "server", "--expert-uids", "ffn.0", "--hidden-dim", "8"])
+            .args(["--device", device, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
+            .output()
+            .expect("apiary runs");
+        assert!(!out.status.success(), "--device {device} must fail here");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr.lines().last().unwrap_or_default().to_owned()
+    };
+    let last = run("tpu");
+    assert!(last.contains("expected cpu, cuda or cuda:N"), "{last}");
+    if !cfg!(feature = "cuda") {
+        let last = run("cuda:0");
+        assert!(
+            last.contains("built without CUDA support") && last.contains("--features cuda"),
+            "{last}"
+        );
+    }
+}

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::BackendConfig;
 use crate::error::{ExpertError, Result};
 use crate::optim::{Optimizer, global_norm};
-use crate::util::with_f32;
+use crate::util::all_finite;
 use crate::zoo::{Expert, Gradients};
 
 /// The expert's parameters in a checkpoint directory.
@@ -57,6 +57,24 @@ impl ExpertBackend {
         })
     }
 
+    /// This backend with its expert on `device` (see [`Expert::to_device`]); the optimizer's state follows
+    /// at the next step.
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            expert: self.expert.to_device(device)?,
+            ..self
+        })
+    }
+
+    /// This backend computing through the portable path even on the CPU (see
+    /// [`Expert::with_portable_path`]); the optimizer then steps with candle ops too.
+    pub fn with_portable_path(self, portable: bool) -> Self {
+        Self {
+            expert: self.expert.with_portable_path(portable),
+            ..self
+        }
+    }
+
     /// The expert (for checkpoints and inspection).
     pub fn expert(&self) -> &Expert {
         &self.expert
@@ -100,7 +118,7 @@ impl ExpertBackend {
 
     /// Loads an expert saved by [`ExpertBackend::save_checkpoint`] from `dir`. A missing or unreadable
     /// optimizer state (or one of another optimizer) is not an error: the expert resumes with a fresh
-    /// optimizer, and the second value says why.
+    /// optimizer, and the second value says why. The backend is on the CPU; [`Self::to_device`] moves it.
     pub fn load_checkpoint(
         expert_config: crate::ExpertConfig,
         config: BackendConfig,
@@ -148,8 +166,7 @@ impl ExpertBackend {
         grad_outputs: &[Tensor],
     ) -> Result<(Vec<Tensor>, StepReport)> {
         for (i, g) in grad_outputs.iter().enumerate() {
-            let finite = with_f32(g, "grad_outputs", |s| s.iter().all(|v| v.is_finite()))?;
-            if !finite {
+            if !all_finite(g, "grad_outputs")? {
                 return Err(ExpertError::NonFiniteGradient {
                     what: format!("grad_outputs[{i}]"),
                 });
@@ -175,7 +192,7 @@ impl ExpertBackend {
             .enumerate()
             .filter(|(_, g)| g.dtype() == DType::F32)
         {
-            if with_f32(g, "input grad", |s| s.iter().any(|v| !v.is_finite()))? {
+            if !all_finite(g, "input grad")? {
                 return Err(ExpertError::NonFiniteGradient {
                     what: format!("input gradient {i}"),
                 });
@@ -187,8 +204,13 @@ impl ExpertBackend {
             None => 1.0,
         };
         let lr = self.current_lr();
-        self.optimizer
-            .step(self.expert.param_vars(), &grads.params, lr, clip_coef as f32)?;
+        self.optimizer.step_with(
+            self.expert.param_vars(),
+            &grads.params,
+            lr,
+            clip_coef as f32,
+            self.expert.fast(),
+        )?;
         Ok(StepReport {
             lr,
             grad_norm: norm,

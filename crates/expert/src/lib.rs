@@ -1,5 +1,11 @@
 //! The expert zoo and its training backends: hivemind's `ffn`, `transformer`, `nop` and `det_dropout`
-//! experts in candle (CPU, f32), numerically equal to hivemind's torch modules given the same weights.
+//! experts in candle (f32), numerically equal to hivemind's torch modules given the same weights.
+//!
+//! Experts compute on the CPU by default; with the `cuda` feature (candle's CUDA backend, built with the
+//! CUDA toolkit) [`Expert::to_device`] / [`ExpertBackend::to_device`] put them on an NVIDIA GPU, where
+//! they run the portable path: plain candle ops, candle's autograd, and the optimizers written in candle
+//! ops with their state on the GPU. The tests hold the portable path equal to the CPU fast paths (and run
+//! on a GPU with `APIARY_TEST_DEVICE=cuda`).
 //!
 //! - [`Expert`]: parameters named as the torch module's `state_dict()` (safetensors checkpoints load in
 //!   both), `forward`, and `backward` (input and parameter gradients). `ffn` and `transformer` run
@@ -43,7 +49,7 @@ mod error;
 mod ffn;
 mod graph;
 mod kernels;
-mod optim;
+pub mod optim;
 pub mod runtime;
 pub mod schema;
 pub mod server;
@@ -54,6 +60,7 @@ mod zoo;
 pub use backend::{CHECKPOINT_FILE, ExpertBackend, OPTIMIZER_FILE, StepReport};
 pub use config::{BackendConfig, ExpertConfig, ExpertKind, OptimizerConfig, ScheduleConfig};
 pub use error::{ExpertError, Result};
+pub use optim::{Optimizer, global_norm};
 pub use runtime::{ExpertStats, Gate, Runtime, RuntimeConfig, RuntimeHandle, RuntimeStats};
 pub use zoo::{Expert, Gradients};
 

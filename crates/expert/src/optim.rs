@@ -1,9 +1,11 @@
-//! Fused, in-place optimizers over contiguous f32 buffers, with torch's exact update rules.
+//! Optimizers with torch's exact update rules: fused and in place over contiguous f32 buffers on the CPU,
+//! or in plain candle ops (the portable path: on a GPU, or when the expert is told to) with the state
+//! as tensors on the parameters' device.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::config::OptimizerConfig;
@@ -11,28 +13,93 @@ use crate::error::{ExpertError, Result};
 use crate::kernels::CHUNK;
 use crate::util::{mut_f32, with_f32};
 
-/// Per-parameter optimizer state (torch's `exp_avg` / `exp_avg_sq` / `momentum_buffer`).
+/// Per-parameter optimizer state (torch's `exp_avg` / `exp_avg_sq` / `momentum_buffer`): host buffers for
+/// the fused CPU step, or tensors on the parameter's device for the portable step. One of the two holds
+/// the state at any time; a step on the other path moves it over.
 #[derive(Debug, Default)]
 struct ParamState {
     a: Vec<f32>,
     b: Vec<f32>,
+    on_device: Option<(Tensor, Option<Tensor>)>,
 }
 
-/// An optimizer over a fixed list of parameters.
+impl ParamState {
+    /// The state as host buffers (moving it off the device if it lives there).
+    fn move_to_host(&mut self) -> Result<()> {
+        if let Some((a, b)) = self.on_device.take() {
+            self.a = a.flatten_all()?.to_vec1::<f32>()?;
+            self.b = match b {
+                Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
+                None => Vec::new(),
+            };
+        }
+        Ok(())
+    }
+
+    /// The state as tensors shaped like `param` on its device (zeros when there is none yet, and `b`
+    /// only with `two` buffers), moving host buffers over.
+    fn move_to_device(&mut self, param: &Tensor, two: bool) -> Result<(Tensor, Option<Tensor>)> {
+        if self.on_device.is_none() {
+            let upload = |v: &[f32]| -> Result<Tensor> {
+                Ok(if v.len() == param.elem_count() {
+                    Tensor::from_slice(v, param.shape(), param.device())?
+                } else {
+                    param.zeros_like()?
+                })
+            };
+            let a = upload(&self.a)?;
+            let b = if two { Some(upload(&self.b)?) } else { None };
+            self.on_device = Some((a, b));
+            self.a = Vec::new();
+            self.b = Vec::new();
+        }
+        match &self.on_device {
+            Some((a, b)) => Ok((a.clone(), b.clone())),
+            None => Err(ExpertError::BadConfig("optimizer state vanished".into())),
+        }
+    }
+
+    /// Whether an SGD momentum buffer exists (on either side).
+    fn has_momentum(&self, n: usize) -> bool {
+        self.on_device.is_some() || self.a.len() == n
+    }
+}
+
+/// An optimizer over a fixed list of parameters, with torch's update rules (Adam, AdamW, SGD): what every
+/// expert steps with, and what a trainer may use for its own parameters.
+///
+/// ```
+/// use apiary_expert::{Optimizer, OptimizerConfig};
+/// use candle_core::{Device, Tensor, Var};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let w = Var::from_tensor(&Tensor::ones(4, candle_core::DType::F32, &Device::Cpu)?)?;
+/// let mut opt = Optimizer::new(OptimizerConfig::sgd(), 1)?;
+/// let grad = Tensor::ones(4, candle_core::DType::F32, &Device::Cpu)?;
+/// opt.step(&[w.clone()], &[grad], 0.5, 1.0)?;
+/// assert_eq!(w.as_tensor().to_vec1::<f32>()?, vec![0.5; 4]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
-pub(crate) struct Optimizer {
+pub struct Optimizer {
     config: OptimizerConfig,
     state: Vec<ParamState>,
     steps: u64,
 }
 
-/// The global L2 norm of `grads`, computed in f64 (non-finite when any element is).
-pub(crate) fn global_norm(grads: &[Tensor]) -> Result<f64> {
+/// The global L2 norm of `grads` (non-finite when any element is): summed in f64 on the CPU, one f32
+/// reduction per tensor elsewhere.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sq = 0f64;
     for (i, g) in grads.iter().enumerate() {
-        sq += with_f32(g, &format!("parameter grad {i}"), |s| {
-            s.par_chunks(CHUNK).map(sum_squares).sum::<f64>()
-        })?;
+        sq += if g.device().is_cpu() {
+            with_f32(g, &format!("parameter grad {i}"), |s| {
+                s.par_chunks(CHUNK).map(sum_squares).sum::<f64>()
+            })?
+        } else {
+            g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+        };
     }
     Ok(sq.sqrt())
 }
@@ -170,8 +237,88 @@ impl InplaceOp1 for StepOp<'_> {
     }
 }
 
+/// The portable step: the same update rules as [`StepOp`], in candle ops on the parameter's device.
+struct StepRule {
+    config: OptimizerConfig,
+    lr: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    first: bool,
+    grad_scale: f32,
+}
+
+impl StepRule {
+    fn apply(&self, param: &Var, grad: &Tensor, state: &mut ParamState) -> Result<()> {
+        let p = param.as_tensor().detach();
+        let grad = grad.to_device(p.device())?;
+        let mut g = (grad * self.grad_scale as f64)?;
+        let lr = self.lr as f64;
+        let updated = match self.config {
+            OptimizerConfig::Adam {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            }
+            | OptimizerConfig::AdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => {
+                let mut p = p;
+                if matches!(self.config, OptimizerConfig::AdamW { .. }) {
+                    p = (p * (1.0 - lr * weight_decay) as f32 as f64)?;
+                } else if weight_decay != 0.0 {
+                    g = (g + (&p * weight_decay as f32 as f64)?)?;
+                }
+                let (m, v) = state.move_to_device(&p, true)?;
+                let v = v.ok_or_else(|| ExpertError::BadConfig("Adam state without exp_avg_sq".into()))?;
+                let (omb1, omb2) = ((1.0 - betas.0) as f32 as f64, (1.0 - betas.1) as f32 as f64);
+                let m = (&m + ((&g - &m)? * omb1)?)?;
+                let v = ((v * betas.1 as f32 as f64)? + (g.sqr()? * omb2)?)?;
+                let denom = ((v.sqrt()? / self.bc2_sqrt as f64)? + eps as f32 as f64)?;
+                let p = (p - ((&m / denom)? * self.step_size as f64)?)?;
+                state.on_device = Some((m, Some(v)));
+                p
+            }
+            OptimizerConfig::Sgd {
+                momentum,
+                dampening,
+                weight_decay,
+                nesterov,
+                ..
+            } => {
+                if weight_decay != 0.0 {
+                    g = (g + (&p * weight_decay as f32 as f64)?)?;
+                }
+                let mom = momentum as f32 as f64;
+                if mom != 0.0 {
+                    let first = self.first || !state.has_momentum(p.elem_count());
+                    let (buf, _) = state.move_to_device(&p, false)?;
+                    let buf = if first {
+                        g.clone()
+                    } else {
+                        ((buf * mom)? + (&g * (1.0 - dampening) as f32 as f64)?)?
+                    };
+                    g = if nesterov {
+                        (g + (&buf * mom)?)?
+                    } else {
+                        buf.clone()
+                    };
+                    state.on_device = Some((buf, None));
+                }
+                (p - (g * lr)?)?
+            }
+        };
+        param.set(&updated)?;
+        Ok(())
+    }
+}
+
 impl Optimizer {
-    pub(crate) fn new(config: OptimizerConfig, num_params: usize) -> Result<Self> {
+    /// An optimizer for `num_params` parameters (validating `config`).
+    pub fn new(config: OptimizerConfig, num_params: usize) -> Result<Self> {
         config.validate()?;
         Ok(Self {
             config,
@@ -181,11 +328,11 @@ impl Optimizer {
     }
 
     /// Steps taken so far.
-    pub(crate) fn steps(&self) -> u64 {
+    pub fn steps(&self) -> u64 {
         self.steps
     }
 
-    /// The state as named tensors: `kind` (0 Adam, 1 AdamW, 2 SGD), `steps`, and per parameter
+    /// The state as named CPU tensors: `kind` (0 Adam, 1 AdamW, 2 SGD), `steps`, and per parameter
     /// `a.<name>` / `b.<name>` (torch's `exp_avg` / `exp_avg_sq`, or SGD's `momentum_buffer`) once they exist.
     pub(crate) fn state_tensors(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
         let mut map = HashMap::new();
@@ -195,6 +342,17 @@ impl Optimizer {
             Tensor::new(&[self.steps as i64], &Device::Cpu)?,
         );
         for (name, state) in names.iter().zip(&self.state) {
+            if let Some((a, b)) = &state.on_device {
+                for (prefix, t) in [("a", Some(a)), ("b", b.as_ref())] {
+                    if let Some(t) = t {
+                        map.insert(
+                            format!("{prefix}.{name}"),
+                            t.flatten_all()?.to_device(&Device::Cpu)?,
+                        );
+                    }
+                }
+                continue;
+            }
             for (prefix, buf) in [("a", &state.a), ("b", &state.b)] {
                 if !buf.is_empty() {
                     map.insert(
@@ -270,7 +428,20 @@ impl Optimizer {
 
     /// One step with learning rate `lr` on `params`, each gradient multiplied by `grad_scale` first
     /// (the clipping coefficient, or 1). Empty parameters are skipped, as torch skips grad-less ones.
-    pub(crate) fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64, grad_scale: f32) -> Result<()> {
+    /// CPU parameters step in place over their buffers (fused); others in candle ops on their device.
+    pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64, grad_scale: f32) -> Result<()> {
+        self.step_with(params, grads, lr, grad_scale, true)
+    }
+
+    /// [`Self::step`]; without `fused`, CPU parameters step in candle ops too (the portable path).
+    pub(crate) fn step_with(
+        &mut self,
+        params: &[Var],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f32,
+        fused: bool,
+    ) -> Result<()> {
         if params.len() != grads.len() || params.len() != self.state.len() {
             return Err(ExpertError::Arity {
                 what: "parameter gradients",
@@ -301,6 +472,19 @@ impl Optimizer {
             if param.elem_count() == 0 {
                 continue;
             }
+            if !(fused && param.device().is_cpu()) {
+                let rule = StepRule {
+                    config: self.config,
+                    lr: lr as f32,
+                    step_size,
+                    bc2_sqrt,
+                    first: t == 1,
+                    grad_scale,
+                };
+                rule.apply(param, grad, state)?;
+                continue;
+            }
+            state.move_to_host()?;
             with_f32(grad, "parameter gradient", |g| {
                 let op = StepOp {
                     config: self.config,

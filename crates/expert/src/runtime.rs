@@ -49,12 +49,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::ExpertBackend;
 use crate::error::{ExpertError, Result};
-use crate::util::with_f32;
+use crate::util::all_finite;
 
 /// At most this many [`RuntimeHandle::with_backend`] calls wait for the runtime thread at once.
 const MAX_QUEUED_JOBS: usize = 256;
@@ -513,12 +513,12 @@ fn check_task(backend: &ExpertBackend, pass: Pass, task: &Task) -> Result<()> {
                 got: g.dims().to_vec(),
             });
         }
-        if g.dtype() != DType::F32 || !g.device().is_cpu() {
+        if g.dtype() != DType::F32 {
             return Err(ExpertError::NotF32Cpu {
                 what: "grad_outputs[0]".into(),
             });
         }
-        if !with_f32(g, "grad_outputs[0]", |s| s.iter().all(|v| v.is_finite()))? {
+        if !all_finite(g, "grad_outputs[0]")? {
             return Err(ExpertError::NonFiniteGradient {
                 what: "grad_outputs[0]".into(),
             });
@@ -548,6 +548,11 @@ fn compute(backend: &mut ExpertBackend, pass: Pass, tasks: &[Task]) -> Result<Ve
         Pass::Forward => backend.forward(&inputs)?,
         Pass::Backward => backend.backward(&inputs, &merge(|t| &t.grad_outputs)?)?,
     };
+    // results go back to the callers on the CPU (a no-op for experts on the CPU)
+    let outputs = outputs
+        .iter()
+        .map(|o| Ok(o.to_device(&Device::Cpu)?))
+        .collect::<Result<Vec<_>>>()?;
     if tasks.len() == 1 {
         return Ok(vec![outputs]);
     }
@@ -946,7 +951,6 @@ impl RuntimeHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     type Waiting = oneshot::Receiver<Result<Vec<Tensor>>>;
 

@@ -412,3 +412,218 @@ fn checkpoints_carry_the_optimizer_state() {
         ExpertBackend::load_checkpoint(ExpertConfig::new(ExpertKind::Ffn, h), config, dir.path()).is_err()
     );
 }
+
+/// The device the portable-path tests compute on: the CPU, or `APIARY_TEST_DEVICE=cuda[:N]` in a build
+/// with the `cuda` feature (the GPU check runs these same tests there).
+fn test_device() -> Device {
+    match std::env::var("APIARY_TEST_DEVICE").ok().as_deref() {
+        None | Some("") | Some("cpu") => Device::Cpu,
+        Some(other) => {
+            let ordinal = other
+                .strip_prefix("cuda")
+                .map(|n| n.trim_start_matches(':').parse().unwrap_or(0))
+                .unwrap_or_else(|| panic!("APIARY_TEST_DEVICE={other}: expected cpu or cuda[:N]"));
+            Device::new_cuda(ordinal).unwrap()
+        }
+    }
+}
+
+/// What a GPU runs — plain candle ops, candle's autograd and the optimizers in candle ops — trains exactly
+/// like the CPU fast paths: same outputs, input gradients and parameters after several steps, for every
+/// kind and optimizer (with weight decay, momentum, Nesterov and clipping in play).
+#[test]
+fn the_portable_path_trains_like_the_fast_path() {
+    let device = test_device();
+    let optimizers = [
+        OptimizerConfig::adam(),
+        OptimizerConfig::Adam {
+            lr: 1e-2,
+            betas: (0.8, 0.99),
+            eps: 1e-6,
+            weight_decay: 0.1,
+        },
+        OptimizerConfig::adamw(),
+        OptimizerConfig::Sgd {
+            lr: 1e-2,
+            momentum: 0.9,
+            dampening: 0.1,
+            weight_decay: 1e-3,
+            nesterov: false,
+        },
+        OptimizerConfig::Sgd {
+            lr: 1e-2,
+            momentum: 0.9,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: true,
+        },
+    ];
+    for kind in [
+        ExpertKind::Ffn,
+        ExpertKind::Transformer,
+        ExpertKind::DetDropout,
+        ExpertKind::Nop,
+    ] {
+        for (o, optimizer) in optimizers.iter().enumerate() {
+            let h = 32;
+            let config = BackendConfig {
+                optimizer: *optimizer,
+                schedule: ScheduleConfig::None,
+                clip_grad_norm: (o % 2 == 0).then_some(0.5),
+            };
+            let mut fast = ExpertBackend::new(randomized(kind, h, 11), config).unwrap();
+            let mut portable = ExpertBackend::new(randomized(kind, h, 11), config)
+                .unwrap()
+                .with_portable_path(true)
+                .to_device(&device)
+                .unwrap();
+            let mut rng = SplitMix64::new(12 + o as u64);
+            for step in 0..4 {
+                let inputs = inputs_for(kind, 6, h, &mut rng);
+                let g = rand(&mut rng, inputs[0].dims(), 1.0);
+                let what = format!("{} with {optimizer:?}, step {step}", kind.name());
+                let a = fast.forward(&inputs).unwrap();
+                let b = portable.forward(&inputs).unwrap();
+                assert!(
+                    b[0].device().same_device(&device),
+                    "{what}: output off the device"
+                );
+                let d = max_rel_diff(&b[0].to_device(&Device::Cpu).unwrap(), &a[0]);
+                assert!(d < 1e-5, "{what}: outputs differ by {d}");
+                let a = fast.backward(&inputs, std::slice::from_ref(&g)).unwrap();
+                let b = portable.backward(&inputs, std::slice::from_ref(&g)).unwrap();
+                let d = max_rel_diff(&b[0].to_device(&Device::Cpu).unwrap(), &a[0]);
+                assert!(d < 1e-5, "{what}: input grads differ by {d}");
+            }
+            assert_eq!(portable.steps(), 4);
+            for ((name, a), (_, b)) in fast
+                .expert()
+                .state_dict()
+                .iter()
+                .zip(portable.expert().state_dict())
+            {
+                if a.elem_count() == 0 {
+                    continue;
+                }
+                // Adam divides by the gradients' running scale, so parameters whose gradients hover near
+                // zero amplify the paths' ~1e-6 gradient differences; a wrong update rule (bias correction,
+                // weight decay, momentum) moves them by ~lr, i.e. 1e-2 of their scale or more
+                let b = b.to_device(&Device::Cpu).unwrap();
+                let d = if name == "self_attn.in_proj_bias" {
+                    // the key bias has a zero true gradient (softmax ignores a shift shared by all keys):
+                    // both paths see rounding noise there, which Adam turns into ±lr steps; compare the
+                    // query and value biases
+                    let part = |t: &Tensor, i: usize| t.narrow(0, i * h, h).unwrap();
+                    max_rel_diff(&part(&b, 0), &part(a, 0)).max(max_rel_diff(&part(&b, 2), &part(a, 2)))
+                } else {
+                    max_rel_diff(&b, a)
+                };
+                assert!(
+                    d < 1e-3,
+                    "{} with {optimizer:?}: {name} differs by {d}",
+                    kind.name()
+                );
+            }
+        }
+    }
+}
+
+/// The optimizer's state follows the expert between the paths and through checkpoints: two steps on the
+/// portable path, saved, loaded on the CPU fast path and one more step there equals three fast steps.
+#[test]
+fn optimizer_state_moves_between_the_paths_and_through_checkpoints() {
+    let device = test_device();
+    let h = 16;
+    for optimizer in [
+        OptimizerConfig::adam(),
+        OptimizerConfig::Sgd {
+            lr: 1e-2,
+            momentum: 0.9,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        },
+    ] {
+        let config = BackendConfig {
+            optimizer,
+            schedule: ScheduleConfig::None,
+            clip_grad_norm: None,
+        };
+        let mut rng = SplitMix64::new(21);
+        let batches: Vec<(Tensor, Tensor)> = (0..4)
+            .map(|_| (rand(&mut rng, &[5, h], 1.0), rand(&mut rng, &[5, h], 1.0)))
+            .collect();
+        let mut straight = ExpertBackend::new(randomized(ExpertKind::Ffn, h, 22), config).unwrap();
+        let mut moved = ExpertBackend::new(randomized(ExpertKind::Ffn, h, 22), config)
+            .unwrap()
+            .with_portable_path(true)
+            .to_device(&device)
+            .unwrap();
+        let step = |b: &mut ExpertBackend, (x, g): &(Tensor, Tensor)| {
+            b.backward(std::slice::from_ref(x), std::slice::from_ref(g))
+                .unwrap();
+        };
+        for batch in &batches[..2] {
+            step(&mut straight, batch);
+            step(&mut moved, batch);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        moved.save_checkpoint(dir.path()).unwrap();
+        // back to the fast path in memory: the state comes off the device
+        let mut back = moved.with_portable_path(false).to_device(&Device::Cpu).unwrap();
+        let (mut loaded, why) =
+            ExpertBackend::load_checkpoint(ExpertConfig::new(ExpertKind::Ffn, h), config, dir.path())
+                .unwrap();
+        assert_eq!(why, None);
+        for batch in &batches[2..] {
+            step(&mut straight, batch);
+            step(&mut back, batch);
+            step(&mut loaded, batch);
+        }
+        for (((name, a), (_, b)), (_, c)) in straight
+            .expert()
+            .state_dict()
+            .iter()
+            .zip(back.expert().state_dict())
+            .zip(loaded.expert().state_dict())
+        {
+            let d = max_rel_diff(&b, a).max(max_rel_diff(&c, a));
+            assert!(d < 1e-4, "{optimizer:?}: {name} differs by {d}");
+        }
+    }
+}
+
+/// The runtime serves an expert on the portable path (on a GPU, the same way) and hands results back on
+/// the CPU, equal to the fast path's.
+#[tokio::test]
+async fn the_runtime_serves_portable_experts_on_the_cpu_side() {
+    let device = test_device();
+    let h = 16;
+    let expert = |portable: bool| {
+        ExpertBackend::new(randomized(ExpertKind::Ffn, h, 31), BackendConfig::default())
+            .unwrap()
+            .with_portable_path(portable)
+            .to_device(if portable { &device } else { &Device::Cpu })
+            .unwrap()
+    };
+    let runtime = Runtime::spawn(
+        vec![("ffn.0".into(), expert(false)), ("ffn.1".into(), expert(true))],
+        RuntimeConfig::default(),
+    )
+    .unwrap();
+    let mut rng = SplitMix64::new(32);
+    let x = rand(&mut rng, &[3, h], 1.0);
+    let g = rand(&mut rng, &[3, h], 1.0);
+    let a = runtime.forward("ffn.0", vec![x.clone()]).await.unwrap();
+    let b = runtime.forward("ffn.1", vec![x.clone()]).await.unwrap();
+    assert!(b[0].device().is_cpu());
+    assert!(max_rel_diff(&b[0], &a[0]) < 1e-5);
+    let a = runtime
+        .backward("ffn.0", vec![x.clone()], vec![g.clone()])
+        .await
+        .unwrap();
+    let b = runtime.backward("ffn.1", vec![x], vec![g]).await.unwrap();
+    assert!(b[0].device().is_cpu());
+    assert!(max_rel_diff(&b[0], &a[0]) < 1e-5);
+    runtime.shutdown().await;
+}

@@ -34,6 +34,16 @@ pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -
     Ok(f(slice))
 }
 
+/// Whether every element of the f32 tensor `t` is finite, on any device (a scan on the CPU; elsewhere one
+/// reduction: `Σ 0·v` is zero exactly when no element is infinite or NaN).
+pub(crate) fn all_finite(t: &Tensor, what: &str) -> Result<bool> {
+    if t.device().is_cpu() {
+        return with_f32(t, what, |s| s.iter().all(|v| v.is_finite()));
+    }
+    let zeroed = (t * 0.0)?.sum_all()?.to_dtype(DType::F32)?;
+    Ok(zeroed.to_scalar::<f32>()?.is_finite())
+}
+
 /// A CPU tensor owning `v` (no copy).
 pub(crate) fn tensor(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)

@@ -80,12 +80,19 @@ pub struct Gradients {
     pub params: Vec<Tensor>,
 }
 
-/// One expert of the zoo: its config and its parameters (f32, CPU), named as the torch module names them.
+/// One expert of the zoo: its config and its parameters (f32), named as the torch module names them.
+///
+/// An expert computes on one candle [`Device`] (the CPU unless moved with [`Expert::to_device`]). On the CPU
+/// `ffn` and `transformer` take hand-written fast paths; on any other device (CUDA with the `cuda`
+/// feature), and on the CPU after [`Expert::with_portable_path`], every kind runs through plain candle ops
+/// and candle's autograd — the portable path, which the tests hold equal to the fast one.
 #[derive(Debug)]
 pub struct Expert {
     config: ExpertConfig,
     names: Vec<String>,
     params: Vec<Var>,
+    device: Device,
+    portable: bool,
 }
 
 impl Expert {
@@ -147,7 +154,44 @@ impl Expert {
             config,
             names,
             params,
+            device: Device::Cpu,
+            portable: false,
         })
+    }
+
+    /// This expert with its parameters on `device` (a copy; the same expert when it is already there).
+    /// Inputs may then come on the CPU or on `device`; outputs and gradients come on `device`.
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        if self.device.same_device(device) {
+            return Ok(self);
+        }
+        let params = self
+            .params
+            .iter()
+            .map(|v| Ok(Var::from_tensor(&v.as_tensor().to_device(device)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            params,
+            device: device.clone(),
+            ..self
+        })
+    }
+
+    /// This expert computing through the portable path (plain candle ops and autograd) even on the CPU:
+    /// what it runs on a GPU, for comparing the two paths and for measurements.
+    pub fn with_portable_path(mut self, portable: bool) -> Self {
+        self.portable = portable;
+        self
+    }
+
+    /// The device the parameters live and compute on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the CPU fast paths run (CPU device, portable path not forced).
+    pub(crate) fn fast(&self) -> bool {
+        self.device.is_cpu() && !self.portable
     }
 
     /// Loads a safetensors checkpoint whose names are the torch module's `state_dict()` names.
@@ -199,16 +243,21 @@ impl Expert {
         self.params.iter().map(|v| v.as_tensor().detach()).collect()
     }
 
-    /// `inputs` with the mask (if any) as f32 0/1, as the computation takes it.
+    /// `inputs` on the expert's device.
+    fn on_device(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        inputs.iter().map(|t| Ok(t.to_device(&self.device)?)).collect()
+    }
+
+    /// `inputs` on the expert's device, with the mask (if any) as f32 0/1, as the computation takes it.
     fn prepare(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        inputs
-            .iter()
+        self.on_device(inputs)?
+            .into_iter()
             .enumerate()
             .map(|(i, t)| {
                 Ok(if i == 1 && t.dtype() != DType::F32 {
                     t.to_dtype(DType::F32)?.ne(0f32)?.to_dtype(DType::F32)?
                 } else {
-                    t.clone()
+                    t
                 })
             })
             .collect()
@@ -216,6 +265,7 @@ impl Expert {
 
     /// Checks the number, shapes and dtypes of `inputs` (batch size and sequence length are free). Inputs
     /// are f32; the mask of `transformer` and `det_dropout` (input 1) may also be u8 (bool), u32 or i64.
+    /// They may live on the CPU or on the expert's device.
     pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<()> {
         let kind = self.config.kind;
         let h = self.config.hid_dim;
@@ -251,7 +301,7 @@ impl Expert {
             }
             // the mask (input 1) may come as bool/u8, u32 or i64, as hivemind clients send it
             let mask_dtype = i == 1 && matches!(t.dtype(), DType::U8 | DType::U32 | DType::I64);
-            if !(t.dtype() == DType::F32 || mask_dtype) || !t.device().is_cpu() {
+            if !(t.dtype() == DType::F32 || mask_dtype) || !self.reachable(t) {
                 return Err(ExpertError::NotF32Cpu {
                     what: format!("input {i}"),
                 });
@@ -268,10 +318,19 @@ impl Expert {
         Ok(())
     }
 
-    /// Outputs for `inputs` (no gradients kept). `ffn` and `transformer` take their fast paths.
+    /// Whether a tensor on `t`'s device can be an input (the CPU or the expert's own device).
+    fn reachable(&self, t: &Tensor) -> bool {
+        t.device().is_cpu() || t.device().same_device(&self.device)
+    }
+
+    /// Outputs for `inputs` (no gradients kept), on the expert's device. On the CPU `ffn` and
+    /// `transformer` take their fast paths.
     pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         self.check_inputs(inputs)?;
         let p = self.param_tensors();
+        if !self.fast() {
+            return graph::forward(self.config.kind, &p, &self.prepare(inputs)?);
+        }
         match self.config.kind {
             ExpertKind::Ffn => Ok(vec![ffn::forward(&p, &inputs[0], false)?.0]),
             ExpertKind::Transformer => {
@@ -289,11 +348,15 @@ impl Expert {
     }
 
     /// Re-runs the forward pass on `inputs` and back-propagates `grad_outputs` (hivemind's
-    /// `ModuleBackend.backward` without the optimizer step). `ffn` and `transformer` take hand-written
-    /// paths; `det_dropout` uses candle's autograd.
+    /// `ModuleBackend.backward` without the optimizer step). On the CPU `ffn` and `transformer` take
+    /// hand-written paths; `det_dropout` and the portable path use candle's autograd. Gradients come on
+    /// the expert's device.
     pub fn backward(&self, inputs: &[Tensor], grad_outputs: &[Tensor]) -> Result<Gradients> {
         self.check_inputs(inputs)?;
         self.check_grad_outputs(inputs, grad_outputs)?;
+        if !self.fast() && self.config.kind != ExpertKind::Nop {
+            return self.backward_autograd(inputs, grad_outputs);
+        }
         match self.config.kind {
             ExpertKind::Ffn => {
                 let p = self.param_tensors();
@@ -318,8 +381,8 @@ impl Expert {
                 })
             }
             ExpertKind::Nop => Ok(Gradients {
-                inputs: vec![grad_outputs[0].copy()?],
-                params: vec![Tensor::zeros(0, DType::F32, &Device::Cpu)?],
+                inputs: vec![grad_outputs[0].to_device(&self.device)?.copy()?],
+                params: vec![Tensor::zeros(0, DType::F32, &self.device)?],
             }),
             _ => self.backward_autograd(inputs, grad_outputs),
         }
@@ -348,7 +411,7 @@ impl Expert {
                 got: g.dims().to_vec(),
             });
         }
-        if g.dtype() != DType::F32 || !g.device().is_cpu() {
+        if g.dtype() != DType::F32 || !self.reachable(g) {
             return Err(ExpertError::NotF32Cpu {
                 what: "grad_outputs[0]".into(),
             });
@@ -359,12 +422,12 @@ impl Expert {
     fn backward_autograd(&self, inputs: &[Tensor], grad_outputs: &[Tensor]) -> Result<Gradients> {
         let kind = self.config.kind;
         // the float input is differentiable; the mask (input 1 of transformer / det_dropout) is not
-        let x = Var::from_tensor(&inputs[0].copy()?)?;
+        let x = Var::from_tensor(&inputs[0].to_device(&self.device)?.copy()?)?;
         let mut graph_inputs = vec![x.as_tensor().clone()];
         graph_inputs.extend(self.prepare(inputs)?.into_iter().skip(1));
         let p: Vec<Tensor> = self.params.iter().map(|v| v.as_tensor().clone()).collect();
         let out = graph::forward(kind, &p, &graph_inputs)?;
-        let loss = (&out[0] * &grad_outputs[0])?.sum_all()?;
+        let loss = (&out[0] * grad_outputs[0].to_device(&self.device)?)?.sum_all()?;
         let store = loss.backward()?;
         let grad_or_zeros = |t: &Tensor| -> Result<Tensor> {
             Ok(match store.get(t) {
@@ -374,7 +437,7 @@ impl Expert {
         };
         let mut input_grads = vec![grad_or_zeros(x.as_tensor())?];
         for extra in inputs.iter().skip(1) {
-            input_grads.push(extra.zeros_like()?);
+            input_grads.push(extra.to_device(&self.device)?.zeros_like()?);
         }
         let params = p.iter().map(grad_or_zeros).collect::<Result<Vec<_>>>()?;
         Ok(Gradients {

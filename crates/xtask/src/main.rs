@@ -1,6 +1,7 @@
 //! `cargo xtask …`: Apiary's one entry point for setting up, testing and benchmarking.
 //!
 //! ```text
+//! cargo xtask demo     build (release) and run `apiary demo`: a local swarm trains a small language model
 //! cargo xtask test     install what is missing, then fmt check, clippy -D warnings, every test suite
 //! cargo xtask setup    only install what is missing (system packages, the cached hivemind venv)
 //! cargo xtask golden   regenerate the golden vectors with real hivemind (crates/wire/tests/golden)
@@ -32,6 +33,7 @@ fn run() -> Result<()> {
     let cmd = args.next().unwrap_or_else(|| "help".to_owned());
     let rest: Vec<String> = args.collect();
     match cmd.as_str() {
+        "demo" => demo(&rest),
         "test" => test(&rest),
         "setup" => setup::all().map(|_| ()),
         "golden" => golden(),
@@ -44,13 +46,25 @@ fn run() -> Result<()> {
     }
 }
 
-const HELP: &str = "usage: cargo xtask <test|setup|golden|bench>
+const HELP: &str = "usage: cargo xtask <demo|test|setup|golden|bench>
+  demo    build (release) and run `apiary demo [flags]`: no GPU, network or download needed
   test    install prerequisites, then fmt check, clippy -D warnings and every test suite
   setup   install prerequisites only (system packages, cached hivemind venv)
   golden  regenerate crates/wire/tests/golden with real hivemind
   bench   [codecs] tensor codec benchmark beside hivemind's serialize/deserialize on this machine
   bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's
   bench server     expert server throughput (benchmark_throughput.py measure): Apiary and hivemind";
+
+/// `cargo run --release -p apiary-cli -- demo <args>`: the demo needs nothing but a Rust toolchain.
+fn demo(args: &[String]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    step(
+        "build (release) and run the demo: a local swarm trains a small language model",
+        Command::new(cargo)
+            .args(["run", "--release", "--quiet", "-p", "apiary-cli", "--", "demo"])
+            .args(args),
+    )
+}
 
 /// The workspace root (the folder holding the top `Cargo.toml`).
 ///
