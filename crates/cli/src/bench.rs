@@ -39,6 +39,10 @@ enum BenchCommand {
     /// `apiary server --expert-uids expert.0 … --hidden-dim H --max-batch-size 4096` and
     /// `tests/interop/bench_server.py --initial-peers <its maddr>`.
     Server(server_bench::ServerBench),
+    /// Trainer throughput (steps/s, samples/s) of the demo's model against local volunteers, optionally
+    /// with injected latency (`tests/interop/bench_moe.py` is hivemind's side; `cargo xtask bench moe`
+    /// runs both, also with latency on every loopback packet).
+    Moe(crate::bench_moe::MoeBench),
 }
 
 /// Parameters of hivemind's `benchmark_dht.py` (its names, in kebab-case; underscores work too).
@@ -72,6 +76,7 @@ pub async fn run(args: BenchArgs, out: &Output) -> Result<()> {
     match args.what {
         BenchCommand::Dht(params) => dht(params, out).await,
         BenchCommand::Server(params) => server_bench::run(params, out).await,
+        BenchCommand::Moe(params) => crate::bench_moe::run(params, out).await,
     }
 }
 

@@ -7,31 +7,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use apiary_dht::{Dht, DhtConfig, DhtHandle};
-use apiary_expert::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
-use apiary_expert::schema::ExpertSchema;
-use apiary_expert::server::{Declarer, ExpertServer};
-use apiary_expert::{BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind};
-use apiary_moe::beam::{BeamSearchConfig, MoEBeamSearcher};
+use anyhow::{Result, bail};
 use apiary_moe::lm::{Corpus, LmConfig, Split};
-use apiary_moe::moe::{MoeConfig, RemoteMixtureOfExperts};
 use apiary_moe::trainer::{StepReport, Trainer, TrainerConfig};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
-use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol};
-use apiary_wire::proto::runtime::CompressionType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::output::Output;
+use crate::swarm::{self, MoeSettings, maddrs, node, prefix};
 
 /// The demo's training text: eight public-domain plays (provenance in `assets/corpus/README.md`).
-const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
-
-/// How often volunteers refresh their declarations, and how long one lives.
-const UPDATE_PERIOD: Duration = Duration::from_secs(4);
-const EXPIRATION: Duration = Duration::from_secs(10);
+pub(crate) const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -79,143 +67,6 @@ pub struct DemoArgs {
     keep_running: bool,
 }
 
-/// One volunteer: a node of the swarm hosting some experts.
-struct Volunteer {
-    name: String,
-    p2p: P2pHandle,
-    dht: DhtHandle,
-    runtime: RuntimeHandle,
-    declarer: Option<Declarer>,
-    uids: Vec<String>,
-    /// The last statistics, kept when the volunteer is killed.
-    stats: Option<apiary_expert::RuntimeStats>,
-}
-
-impl Volunteer {
-    async fn start(
-        name: String,
-        bootstrap: &[Multiaddr],
-        uids: Vec<String>,
-        hidden: usize,
-        seed: u64,
-    ) -> Result<Self> {
-        let (p2p, dht) = node(bootstrap, false).await?;
-        let mut backends = Vec::new();
-        let mut schemas = std::collections::HashMap::new();
-        for (i, uid) in uids.iter().enumerate() {
-            let config = ExpertConfig::new(ExpertKind::Ffn, hidden);
-            let expert = Expert::new(config, seed.wrapping_mul(1000).wrapping_add(i as u64))?;
-            backends.push((uid.clone(), ExpertBackend::new(expert, BackendConfig::default())?));
-            schemas.insert(
-                uid.clone(),
-                ExpertSchema::server_create(ExpertKind::Ffn, hidden, CompressionType::None, 4096),
-            );
-        }
-        let runtime = Runtime::spawn(backends, RuntimeConfig::default())?;
-        ExpertServer::new(runtime.clone(), schemas)
-            .register(&p2p)
-            .context("registering the expert RPCs")?;
-        let (declarer, _) = Declarer::start(dht.clone(), uids.clone(), UPDATE_PERIOD, EXPIRATION).await;
-        Ok(Self {
-            name,
-            p2p,
-            dht,
-            runtime,
-            declarer: Some(declarer),
-            uids,
-            stats: None,
-        })
-    }
-
-    fn alive(&self) -> bool {
-        self.declarer.is_some()
-    }
-
-    fn stats(&self) -> apiary_expert::RuntimeStats {
-        self.stats.clone().unwrap_or_else(|| self.runtime.stats())
-    }
-
-    /// Gone without a goodbye: declarations are neither refreshed nor withdrawn, connections drop.
-    async fn kill(&mut self) {
-        self.stats = Some(self.runtime.stats());
-        drop(self.declarer.take()); // stops refreshing; the records stay until they expire
-        self.p2p.shutdown().await;
-        self.runtime.shutdown().await;
-        self.dht.shutdown().await;
-    }
-
-    /// A clean exit: declarations withdrawn first.
-    async fn stop(&mut self) {
-        if let Some(declarer) = self.declarer.take() {
-            self.stats = Some(self.runtime.stats());
-            declarer.withdraw().await;
-            self.runtime.shutdown().await;
-            self.dht.shutdown().await;
-            self.p2p.shutdown().await;
-        }
-    }
-}
-
-/// A P2P host on loopback and a DHT node bootstrapped from `bootstrap`.
-async fn node(bootstrap: &[Multiaddr], client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
-    let config = P2pConfig {
-        listen_addrs: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        ..P2pConfig::default()
-    };
-    let (p2p, _task) = Host::spawn(config).context("could not start a libp2p host")?;
-    let mut dht_config = DhtConfig::default();
-    dht_config.client_mode = client_mode;
-    let dht = Dht::spawn(p2p.clone(), dht_config, bootstrap.to_vec())
-        .await
-        .context("could not join the DHT")?;
-    Ok((p2p, dht))
-}
-
-/// The full `/p2p/` multiaddrs of a host (waiting briefly for its listener).
-async fn maddrs(p2p: &P2pHandle) -> Vec<Multiaddr> {
-    let mut addrs = p2p.listen_addrs();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while addrs.borrow().is_empty() && Instant::now() < deadline {
-        let _ = tokio::time::timeout(Duration::from_millis(200), addrs.changed()).await;
-    }
-    let id = p2p.local_peer_id();
-    let list = addrs.borrow().clone();
-    list.into_iter().map(|a| a.with(Protocol::P2p(id))).collect()
-}
-
-/// Which volunteer hosts expert `coords` of layer `layer`: spread so that every grid row (a prefix the
-/// beam search expands) lives on several volunteers, and losing one never takes a sample's whole choice.
-fn host_of(layer: usize, coords: &[usize], volunteers: usize) -> usize {
-    (layer + coords.iter().sum::<usize>()) % volunteers
-}
-
-/// Every coordinate tuple of `grid`, in order.
-fn grid_coords(grid: &[usize]) -> Vec<Vec<usize>> {
-    let mut all = vec![Vec::new()];
-    for &size in grid {
-        all = all
-            .into_iter()
-            .flat_map(|prefix| {
-                (0..size).map(move |i| {
-                    let mut c = prefix.clone();
-                    c.push(i);
-                    c
-                })
-            })
-            .collect();
-    }
-    all
-}
-
-fn uid(layer: usize, coords: &[usize]) -> String {
-    let c: Vec<String> = coords.iter().map(ToString::to_string).collect();
-    format!("{}{}", prefix(layer), c.join("."))
-}
-
-fn prefix(layer: usize) -> String {
-    format!("ffn_l{layer}.")
-}
-
 /// What the trainer thread reports.
 enum Event {
     Step(StepReport, usize),
@@ -244,24 +95,15 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     // the swarm
     let (boot_p2p, boot_dht) = node(&[], false).await?;
     let boot = maddrs(&boot_p2p).await;
-    let coords = grid_coords(&args.grid);
-    let mut volunteers = Vec::new();
-    for v in 0..args.volunteers {
-        let uids: Vec<String> = (0..args.layers)
-            .flat_map(|l| {
-                coords
-                    .iter()
-                    .filter(move |c| host_of(l, c, args.volunteers) == v)
-                    .map(move |c| uid(l, c))
-            })
-            .collect();
-        let name = format!("volunteer {}", v + 1);
-        volunteers.push(
-            Volunteer::start(name, &boot, uids, args.hidden_dim, args.seed ^ (v as u64 + 1))
-                .await
-                .with_context(|| format!("starting volunteer {}", v + 1))?,
-        );
-    }
+    let mut volunteers = swarm::volunteers(
+        &boot,
+        args.volunteers,
+        args.layers,
+        &args.grid,
+        args.hidden_dim,
+        args.seed,
+    )
+    .await?;
     let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();
     let boot_strings: Vec<String> = boot.iter().map(ToString::to_string).collect();
     out.ready(
@@ -296,27 +138,25 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
             backward_timeout: Duration::from_secs(10),
         },
     ));
-    let mut moes = Vec::new();
-    for layer in 0..args.layers {
-        let searcher = MoEBeamSearcher::new(
-            t_dht.clone(),
-            &prefix(layer),
-            args.grid.clone(),
-            BeamSearchConfig::default(),
-        )?;
-        let mut config = MoeConfig::new(args.hidden_dim, &prefix(layer), args.grid.clone());
-        config.k_best = args.k_best;
-        config.forward_timeout = Some(Duration::from_secs(20));
-        config.backward_timeout = Some(Duration::from_secs(20));
-        config.timeout_after_k_min = Some(Duration::from_secs(2));
-        moes.push(RemoteMixtureOfExperts::new(
-            config,
-            Arc::new(searcher),
-            transport.clone(),
-            tokio::runtime::Handle::current(),
-            args.seed.wrapping_add(100 + layer as u64),
-        )?);
-    }
+    let prefixes: Vec<String> = (0..args.layers).map(prefix).collect();
+    let moes = swarm::moe_layers(
+        &t_dht,
+        transport,
+        &prefixes,
+        &args.grid,
+        args.hidden_dim,
+        MoeSettings {
+            k_best: args.k_best,
+            k_min: 1,
+            backward_k_min: 1,
+            forward_timeout: Some(Duration::from_secs(20)),
+            backward_timeout: Some(Duration::from_secs(20)),
+            timeout_after_k_min: Some(Duration::from_secs(2)),
+            allow_zero_outputs: false,
+            detect_anomalies: false,
+        },
+        args.seed,
+    )?;
     let mut lm = LmConfig::new(corpus.vocab.len());
     lm.d_model = args.hidden_dim;
     lm.layers = args.layers;
@@ -433,23 +273,7 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     };
 
     // the report
-    let contributions: Vec<serde_json::Value> = volunteers
-        .iter()
-        .map(|v| {
-            let s = v.stats();
-            let sum = |f: fn(&apiary_expert::ExpertStats) -> u64| s.experts.iter().map(f).sum::<u64>();
-            json!({
-                "volunteer": v.name,
-                "alive": v.alive(),
-                "experts": v.uids.len(),
-                "forward_batches": sum(|e| e.forward_batches),
-                "backward_batches": sum(|e| e.backward_batches),
-                "forward_samples": sum(|e| e.forward_rows),
-                "backward_samples": sum(|e| e.backward_rows),
-                "optimizer_steps": sum(|e| e.optimizer_steps),
-            })
-        })
-        .collect();
+    let contributions: Vec<serde_json::Value> = volunteers.iter().map(|v| v.contribution()).collect();
     let curve = curve(&losses, 10);
     out.event(json!({
         "event": "result",
@@ -608,19 +432,6 @@ fn curve(losses: &[f32], points: usize) -> Vec<(usize, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_grid_row_spans_several_volunteers() {
-        for layer in 0..2 {
-            for row in 0..4 {
-                let hosts: std::collections::HashSet<usize> =
-                    (0..4).map(|j| host_of(layer, &[row, j], 3)).collect();
-                assert!(hosts.len() >= 2, "layer {layer} row {row}: {hosts:?}");
-            }
-        }
-        assert_eq!(grid_coords(&[2, 3]).len(), 6);
-        assert_eq!(uid(1, &[2, 3]), "ffn_l1.2.3");
-    }
 
     #[test]
     fn the_curve_averages_windows() {

@@ -7,11 +7,14 @@
 //! shut down cleanly. Options that hivemind's CLIs have keep hivemind's names in kebab-case.
 
 mod bench;
+mod bench_moe;
 mod demo;
 mod dht;
 mod json;
 mod output;
 mod server;
+mod swarm;
+mod train;
 
 use std::process::ExitCode;
 
@@ -46,6 +49,8 @@ enum Command {
     Dht(Box<dht::DhtArgs>),
     /// Host experts that hivemind trainers call (like hivemind-server).
     Server(Box<server::ServerArgs>),
+    /// Train a model whose feed-forward layers are mixtures of the swarm's experts.
+    Train(Box<train::TrainArgs>),
     /// Benchmarks measured the way hivemind's benchmark scripts measure.
     Bench(bench::BenchArgs),
 }
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(*args, &out).await,
             Command::Dht(args) => dht::run(*args, &out).await,
             Command::Server(args) => server::run(*args, &out).await,
+            Command::Train(args) => train::run(*args, &out).await,
             Command::Bench(args) => bench::run(args, &out).await,
         }
     });

@@ -8,7 +8,7 @@ use crate::config::ExpertKind;
 use crate::error::Result;
 
 /// `x @ w^T + b` for `x` of any rank (torch's `nn.Linear`).
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let last = dims.last().copied().unwrap_or(0);
     let rows = x.elem_count() / last.max(1);
@@ -21,14 +21,14 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// hivemind's `gelu_fast`, op by op.
-pub(crate) fn gelu_fast(x: &Tensor) -> Result<Tensor> {
+pub fn gelu_fast(x: &Tensor) -> Result<Tensor> {
     let inner = ((x.sqr()? * 0.044715)? + 1.0)?;
     let t = ((x * 0.797_884_560_8)? * inner)?.tanh()?;
     Ok(((x * 0.5)? * (t + 1.0)?)?)
 }
 
 /// torch's `LayerNorm` over the last dimension (biased variance).
-pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -37,7 +37,7 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
 }
 
 /// Softmax over the last dimension (max-shifted; the shift is a constant for autograd).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&m)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;

@@ -57,6 +57,12 @@ mod transformer;
 mod util;
 mod zoo;
 
+/// Differentiable building blocks in plain candle ops — the reference path's — for trainers' own models.
+pub mod ops {
+    pub use crate::graph::{gelu_fast, layer_norm, linear, softmax_last};
+    pub use crate::util::all_finite;
+}
+
 pub use backend::{CHECKPOINT_FILE, ExpertBackend, OPTIMIZER_FILE, StepReport};
 pub use config::{BackendConfig, ExpertConfig, ExpertKind, OptimizerConfig, ScheduleConfig};
 pub use error::{ExpertError, Result};

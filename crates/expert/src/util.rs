@@ -36,7 +36,7 @@ pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -
 
 /// Whether every element of the f32 tensor `t` is finite, on any device (a scan on the CPU; elsewhere one
 /// reduction: `Σ 0·v` is zero exactly when no element is infinite or NaN).
-pub(crate) fn all_finite(t: &Tensor, what: &str) -> Result<bool> {
+pub fn all_finite(t: &Tensor, what: &str) -> Result<bool> {
     if t.device().is_cpu() {
         return with_f32(t, what, |s| s.iter().all(|v| v.is_finite()));
     }

@@ -7,6 +7,9 @@
 //!   expert servers declare in the DHT.
 //! - [`moe`]: [`moe::RemoteMixtureOfExperts`], hivemind's DMoE layer inside candle's autograd, with the
 //!   [`moe::Router`] seam (beam search, or a fixed list of experts).
+//! - [`switch`]: [`switch::RemoteSwitchMixtureOfExperts`], hivemind's Switch-Transformer DMoE layer (top-1
+//!   routing, jitter, grid utilization, load-balancing loss) over the same expert calls.
+//! - [`toy`]: the toy classifier of hivemind's examples around one MoE layer.
 //! - [`trainer`]: the trainer loop over the demo model (Adam, validation, samples).
 //! - [`lm`]: the demo's character-level transformer language model, its corpus and vocabulary.
 
@@ -17,6 +20,8 @@ pub mod beam;
 mod error;
 pub mod lm;
 pub mod moe;
+pub mod switch;
+pub mod toy;
 pub mod trainer;
 pub mod transport;
 

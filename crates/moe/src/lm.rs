@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use apiary_expert::ops;
 use candle_core::{D, DType, Device, Tensor, Var};
 
 use crate::error::{MoeError, Result};
@@ -219,22 +220,11 @@ fn var(v: Vec<f32>, shape: &[usize]) -> Result<Var> {
 }
 
 fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    Ok(x.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?)
+    Ok(ops::linear(x, w.as_tensor(), b.as_tensor())?)
 }
 
 fn layer_norm(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xhat = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-    Ok(xhat.broadcast_mul(w.as_tensor())?.broadcast_add(b.as_tensor())?)
-}
-
-/// Softmax over the last dimension (max-shifted; the shift is a constant for autograd).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    Ok(ops::layer_norm(x, w.as_tensor(), b.as_tensor(), 1e-5)?)
 }
 
 /// `log_softmax` over the last dimension.
@@ -368,7 +358,7 @@ impl TinyLm {
             let k = heads(1)?;
             let v = heads(2)?;
             let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&mask)?;
-            let ctx = softmax_last(&scores)?
+            let ctx = ops::softmax_last(&scores)?
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .contiguous()?

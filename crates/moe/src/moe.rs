@@ -14,6 +14,9 @@
 //! - **never NaN**: a sample whose chosen experts all failed gets a zero output (hivemind's masked softmax
 //!   over all `-inf` yields NaN and poisons the trainer's parameters); [`ForwardReport::zero_samples`]
 //!   counts them, and unless `allow_zero_outputs` they are logged as a warning.
+//!
+//! [`crate::switch::RemoteSwitchMixtureOfExperts`] calls its experts through the same dispatch and
+//! combine steps, with Switch gating.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -307,6 +310,34 @@ impl RemoteMixtureOfExperts {
     /// The layer's output `(n, out)` for `x (n, in_features)`: the softmax-weighted average of the
     /// outputs of the experts that answered, part of candle's autograd graph (see the module docs).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.check_input(x)?;
+        let logits = self.gating_scores(&x)?;
+        let per_sample = split_scores(&logits.detach().to_vec2::<f32>()?, &self.config.grid_size);
+        let dispatch = self.dispatch(&x, &per_sample)?;
+
+        // the experts' scores: the sum of their coordinates' gating scores, masked where they failed
+        let (n, slots) = (dispatch.n, dispatch.slots);
+        let mut expert_logits: Option<Tensor> = None;
+        let mut offset = 0;
+        for (dim, &g) in self.config.grid_size.iter().enumerate() {
+            let part = logits.gather(&dispatch.coordinate_index(dim, offset)?, 1)?;
+            offset += g;
+            expert_logits = Some(match expert_logits {
+                None => part,
+                Some(sum) => (sum + part)?,
+            });
+        }
+        let expert_logits = expert_logits.ok_or_else(|| MoeError::BadConfig("an empty grid".into()))?;
+        // a finite mask value: a row with no live expert stays finite (its outputs are zeros anyway)
+        let masked = dispatch
+            .alive_mask()?
+            .where_cond(&expert_logits, &Tensor::full(-1e9f32, (n, slots), &Device::Cpu)?)?;
+        let weights = softmax_last(&masked)?;
+        self.combine(&x, dispatch, &weights)
+    }
+
+    /// Checks that `x` is `(n > 0, in_features)` (and finite under `detect_anomalies`); returns it as f32.
+    pub(crate) fn check_input(&self, x: &Tensor) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         if d != self.config.in_features || n == 0 {
             return Err(MoeError::BadConfig(format!(
@@ -321,26 +352,18 @@ impl RemoteMixtureOfExperts {
                 "the layer's input has non-finite values".into(),
             ));
         }
-        let logits = self.gating_scores(&x)?;
-        let rows = logits.detach().to_vec2::<f32>()?;
-        let per_sample: Vec<Vec<Vec<f32>>> = rows
-            .iter()
-            .map(|row| {
-                let mut at = 0;
-                self.config
-                    .grid_size
-                    .iter()
-                    .map(|&g| {
-                        let dim = row[at..at + g].to_vec();
-                        at += g;
-                        dim
-                    })
-                    .collect()
-            })
-            .collect();
+        Ok(x)
+    }
+
+    /// Routes each sample of `x (n, in_features)` by its grid scores (`grid_scores[s][d]`), calls the chosen
+    /// experts (one request per expert, hivemind's `_collect_responses` timing) and assembles their answers;
+    /// records the forward report. Fails when fewer than `k_min` (sample, expert) pairs answered, or none
+    /// and `allow_zero_outputs` is off.
+    pub(crate) fn dispatch(&self, x: &Tensor, grid_scores: &[Vec<Vec<f32>>]) -> Result<Dispatch> {
+        let n = x.dim(0)?;
         let chosen = self
             .runtime
-            .block_on(self.router.choose(&per_sample, self.config.k_best))?;
+            .block_on(self.router.choose(grid_scores, self.config.k_best))?;
         // keep only experts of this grid (a router answers from untrusted DHT data)
         let chosen: Vec<Vec<(ExpertAddr, Vec<usize>)>> = chosen
             .into_iter()
@@ -479,45 +502,39 @@ impl RemoteMixtureOfExperts {
             );
         }
         record(&report);
+        Ok(Dispatch {
+            n,
+            slots,
+            chosen,
+            alive,
+            out_dims,
+            width,
+            y: Tensor::from_vec(y, (n, slots, width), &Device::Cpu)?,
+            groups: alive_groups.into_iter().map(|(g, _)| groups[g].clone()).collect(),
+        })
+    }
 
-        // the experts' scores: the sum of their coordinates' gating scores, masked where they failed
-        let total: usize = self.config.grid_size.iter().sum();
-        let mut offsets = Vec::with_capacity(self.config.grid_size.len());
-        let mut at = 0;
-        for &g in &self.config.grid_size {
-            offsets.push(at);
-            at += g;
-        }
-        let mut expert_logits: Option<Tensor> = None;
-        for (dim, offset) in offsets.iter().enumerate() {
-            let mut idx = vec![0u32; n * slots];
-            for (s, experts) in chosen.iter().enumerate() {
-                for (j, (_, c)) in experts.iter().enumerate() {
-                    idx[s * slots + j] = (offset + c[dim]) as u32;
-                }
-            }
-            debug_assert!(idx.iter().all(|&i| (i as usize) < total));
-            let part = logits.gather(&Tensor::from_vec(idx, (n, slots), &Device::Cpu)?, 1)?;
-            expert_logits = Some(match expert_logits {
-                None => part,
-                Some(sum) => (sum + part)?,
-            });
-        }
-        let expert_logits = expert_logits.ok_or_else(|| MoeError::BadConfig("an empty grid".into()))?;
-        let alive_t = Tensor::from_vec(alive.clone(), (n, slots), &Device::Cpu)?;
-        // a finite mask value: a row with no live expert stays finite (its outputs are zeros anyway)
-        let masked = alive_t.where_cond(&expert_logits, &Tensor::full(-1e9f32, (n, slots), &Device::Cpu)?)?;
-        let weights = softmax_last(&masked)?;
-        let mut shape = vec![n, slots];
-        shape.extend_from_slice(&out_dims);
-        let y = Tensor::from_vec(y, shape, &Device::Cpu)?;
+    /// Mixes the experts' answers with `weights (n, slots)` (a node of the caller's autograd graph; zero
+    /// or negligible where a slot is dead): `Σ_j weights[s, j] · out[s, j]`, shaped `(n, out…)`. Its
+    /// backward pass sends each expert that answered its weighted output gradient and adds the input
+    /// gradients they return to `x`'s.
+    pub(crate) fn combine(&self, x: &Tensor, dispatch: Dispatch, weights: &Tensor) -> Result<Tensor> {
+        let Dispatch {
+            n,
+            slots,
+            out_dims,
+            width,
+            y,
+            groups,
+            ..
+        } = dispatch;
         let w = weights.reshape((n, slots, 1))?;
-        let mixed = w.broadcast_mul(&y.reshape((n, slots, width))?)?.sum(1)?;
+        let mixed = w.broadcast_mul(&y)?.sum(1)?;
 
         // the experts' side of the gradient, through a custom op on the input
         let weights_now = weights.detach().to_vec2::<f32>()?;
         let backward = ExpertsBackward {
-            groups: alive_groups.into_iter().map(|(g, _)| groups[g].clone()).collect(),
+            groups,
             weights: weights_now,
             n,
             in_features: self.config.in_features,
@@ -535,19 +552,77 @@ impl RemoteMixtureOfExperts {
     }
 }
 
-/// Softmax over the last dimension (max-shifted; the shift is a constant for autograd).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(candle_core::D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)?)
+/// Splits each row of concatenated grid scores into one score list per grid dimension
+/// (`[s][d][coordinate]`).
+pub(crate) fn split_scores(rows: &[Vec<f32>], grid_size: &[usize]) -> Vec<Vec<Vec<f32>>> {
+    rows.iter()
+        .map(|row| {
+            let mut at = 0;
+            grid_size
+                .iter()
+                .map(|&g| {
+                    let dim = row.get(at..at + g).map(<[f32]>::to_vec).unwrap_or_default();
+                    at += g;
+                    dim
+                })
+                .collect()
+        })
+        .collect()
 }
 
-/// Whether every element is finite (`Σ 0·v` is zero exactly then).
-fn all_finite(t: &Tensor) -> Result<bool> {
-    Ok((t.to_dtype(DType::F32)? * 0.0)?
-        .sum_all()?
-        .to_scalar::<f32>()?
-        .is_finite())
+/// The experts a forward pass chose and what they answered (see [`RemoteMixtureOfExperts::dispatch`]).
+pub(crate) struct Dispatch {
+    /// Samples in the batch.
+    pub(crate) n: usize,
+    /// Experts per sample at most (rows with fewer are padded with dead slots).
+    pub(crate) slots: usize,
+    /// Each sample's chosen experts with their grid coordinates, best first.
+    pub(crate) chosen: Vec<Vec<(ExpertAddr, Vec<usize>)>>,
+    /// `(n, slots)`, row-major: 1 where the expert answered.
+    pub(crate) alive: Vec<u8>,
+    /// The shape of one sample's output.
+    pub(crate) out_dims: Vec<usize>,
+    width: usize,
+    /// The answers `(n, slots, width)`, zero where dead.
+    y: Tensor,
+    /// The experts that answered, with their rows.
+    groups: Vec<Group>,
+}
+
+impl Dispatch {
+    /// `(n, slots)` indices of each slot's coordinate in grid dimension `dim`, plus `offset` (dead and
+    /// padded slots point at `offset`).
+    pub(crate) fn coordinate_index(&self, dim: usize, offset: usize) -> Result<Tensor> {
+        let mut idx = vec![offset as u32; self.n * self.slots];
+        for (s, experts) in self.chosen.iter().enumerate() {
+            for (j, (_, c)) in experts.iter().enumerate() {
+                idx[s * self.slots + j] = (offset + c[dim]) as u32;
+            }
+        }
+        Ok(Tensor::from_vec(idx, (self.n, self.slots), &Device::Cpu)?)
+    }
+
+    /// The `(n, slots)` u8 mask of slots whose expert answered.
+    pub(crate) fn alive_mask(&self) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.alive.clone(),
+            (self.n, self.slots),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// Softmax over the last dimension (apiary-expert's, with this crate's error).
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(apiary_expert::ops::softmax_last(x)?)
+}
+
+/// Whether every element of `t` is finite.
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(apiary_expert::ops::all_finite(
+        &t.to_dtype(DType::F32)?,
+        "tensor",
+    )?)
 }
 
 fn describe(failed: &[(String, String)]) -> String {

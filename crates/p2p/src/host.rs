@@ -487,10 +487,16 @@ impl P2pHandle {
 
     async fn open_stream(&self, peer: PeerId, name: &str) -> Result<Stream, CallError> {
         let name = name.to_owned();
-        Ok(self
-            .request(|reply| Command::OpenStream { peer, name, reply })
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::OpenStream { peer, name, reply })
             .await
-            .ok_or(CallError::Shutdown)??)
+            .map_err(|_| CallError::Shutdown)?;
+        // a dropped reply: the connection the request went to closed before the stream opened
+        let opened = rx
+            .await
+            .map_err(|_| OpenError::Io("the connection closed before the stream opened".into()))?;
+        Ok(opened?)
     }
 
     /// Calls unary handler `name` on `peer` (dialing it if needed) and returns its response bytes.

@@ -1,0 +1,323 @@
+//! `apiary bench moe`: the trainer's throughput on the demo's model against local volunteers.
+//!
+//! 1. The demo's swarm, built the demo's way ([`crate::swarm`]): a bootstrap DHT node and `--volunteers`
+//!    volunteers hosting one `ffn` expert grid per MoE layer (`ffn_l0.`, `ffn_l1.`, … grid `--grid`,
+//!    hidden `--hidden-dim`), all in this process, each on its own libp2p host on loopback.
+//! 2. A trainer on its own host (a DHT client) with the demo's character-level LM, whose feed-forward
+//!    sublayers are `RemoteMixtureOfExperts` layers (beam search over the DHT, `--k-best` experts per
+//!    character, Adam at `--lr`), on the demo's corpus.
+//! 3. `--warmup` steps untimed (connections, `rpc_info`, the first declarations), then `--steps` timed
+//!    steps, back to back: `steps_per_s` = steps / their wall time, `samples_per_s` = the characters
+//!    trained per second (`batch · seq` per step).
+//!
+//! Latency: `--latency-ms L` injects it inside this process — every expert RPC the trainer makes waits
+//! `L` before its request leaves and `L` before its reply is handed back (a round trip of `2L`); DHT
+//! traffic (the beam search) is not delayed. For latency on every packet (DHT included), run the
+//! benchmark with `--latency-ms 0` in a network namespace whose loopback delays packets, as
+//! `cargo xtask bench moe` does (`--network-latency-ms L` then only records it in the result).
+//!
+//! `tests/interop/bench_moe.py` is the same measure with hivemind's `RemoteMixtureOfExperts`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use apiary_moe::lm::{Corpus, LmConfig};
+use apiary_moe::trainer::{Trainer, TrainerConfig};
+use apiary_moe::transport::{
+    ExpertAddr, ExpertInfo, ExpertTransport, P2pTransport, TransportConfig, TransportError,
+};
+use candle_core::Tensor;
+use clap::Args;
+use futures::future::BoxFuture;
+use serde_json::json;
+
+use crate::output::Output;
+use crate::swarm::{self, MoeSettings, maddrs, node, prefix};
+
+/// The demo's training text.
+const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
+
+/// The demo's model and swarm, and how long to measure.
+#[derive(Debug, Args, Clone)]
+pub struct MoeBench {
+    /// Timed training steps.
+    #[arg(long, default_value_t = 30)]
+    steps: u64,
+    /// Untimed steps first (connections, expert infos, declarations settling).
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// One-way latency injected on every expert RPC of the trainer, in milliseconds (in-process: the
+    /// request waits this long before it leaves, the reply before it is handed back).
+    #[arg(long, default_value_t = 0.0)]
+    latency_ms: f64,
+    /// One-way latency the network itself adds (e.g. a namespace delaying loopback packets, as
+    /// `cargo xtask bench moe` sets up): only recorded in the result.
+    #[arg(long, default_value_t = 0.0)]
+    network_latency_ms: f64,
+    /// Volunteer nodes hosting the experts.
+    #[arg(long, default_value_t = 3)]
+    volunteers: usize,
+    /// The expert grid of each MoE layer, one size per dimension.
+    #[arg(long, num_args = 1.., default_values_t = [4usize, 4])]
+    grid: Vec<usize>,
+    /// The model's width, which is the experts' hidden dim.
+    #[arg(long, default_value_t = 64)]
+    hidden_dim: usize,
+    /// Transformer blocks (one MoE layer each).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Characters per sequence.
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// Experts per character and layer.
+    #[arg(long, default_value_t = 4)]
+    k_best: usize,
+    /// The trainer's learning rate (Adam).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Seeds the model, the experts and the batches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// An [`ExpertTransport`] whose calls take `delay` longer each way: the request waits `delay` before it
+/// goes out, the reply `delay` before it is handed back.
+#[derive(Debug)]
+struct Delayed {
+    inner: Arc<dyn ExpertTransport>,
+    delay: Duration,
+}
+
+impl Delayed {
+    async fn around<T>(&self, call: BoxFuture<'_, Result<T, TransportError>>) -> Result<T, TransportError> {
+        tokio::time::sleep(self.delay).await;
+        let reply = call.await;
+        tokio::time::sleep(self.delay).await;
+        reply
+    }
+}
+
+impl ExpertTransport for Delayed {
+    fn info<'a>(&'a self, expert: &'a ExpertAddr) -> BoxFuture<'a, Result<Arc<ExpertInfo>, TransportError>> {
+        // rpc_info is cached after the first call; only the first one crosses the network
+        self.inner.info(expert)
+    }
+
+    fn forward<'a>(
+        &'a self,
+        expert: &'a ExpertAddr,
+        inputs: Vec<Tensor>,
+    ) -> BoxFuture<'a, Result<Vec<Tensor>, TransportError>> {
+        Box::pin(self.around(self.inner.forward(expert, inputs)))
+    }
+
+    fn backward<'a>(
+        &'a self,
+        expert: &'a ExpertAddr,
+        inputs: Vec<Tensor>,
+        grad_outputs: Vec<Tensor>,
+    ) -> BoxFuture<'a, Result<Vec<Tensor>, TransportError>> {
+        Box::pin(self.around(self.inner.backward(expert, inputs, grad_outputs)))
+    }
+}
+
+/// What the training thread measured.
+struct Measured {
+    seconds: f64,
+    step_seconds: Vec<f64>,
+    loss_first: f32,
+    loss_last: f32,
+    calls: [u64; 4],
+}
+
+pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
+    if p.volunteers == 0 || p.steps == 0 || p.layers == 0 || p.batch == 0 || p.seq == 0 {
+        bail!("--volunteers, --steps, --layers, --batch and --seq must be positive");
+    }
+    if p.grid.is_empty() || p.grid.contains(&0) {
+        bail!("--grid: every size must be positive");
+    }
+    if !(p.latency_ms >= 0.0 && p.latency_ms.is_finite()) {
+        bail!("--latency-ms must be a non-negative number");
+    }
+    let corpus = Corpus::new(CORPUS, 0.1)?;
+
+    // the swarm, as the demo builds it
+    let (boot_p2p, boot_dht) = node(&[], false).await?;
+    let boot = maddrs(&boot_p2p).await;
+    let mut volunteers =
+        swarm::volunteers(&boot, p.volunteers, p.layers, &p.grid, p.hidden_dim, p.seed).await?;
+    let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();
+    tracing::info!(volunteers = p.volunteers, experts, "swarm up");
+
+    // the trainer
+    let (t_p2p, t_dht) = node(&boot, true).await?;
+    let p2p_transport: Arc<dyn ExpertTransport> = Arc::new(P2pTransport::new(
+        t_p2p.clone(),
+        TransportConfig {
+            info_timeout: Duration::from_secs(5),
+            forward_timeout: Duration::from_secs(10),
+            backward_timeout: Duration::from_secs(10),
+        },
+    ));
+    let transport: Arc<dyn ExpertTransport> = if p.latency_ms > 0.0 {
+        Arc::new(Delayed {
+            inner: p2p_transport,
+            delay: Duration::from_secs_f64(p.latency_ms / 1e3),
+        })
+    } else {
+        p2p_transport
+    };
+    let prefixes: Vec<String> = (0..p.layers).map(prefix).collect();
+    let moes = swarm::moe_layers(
+        &t_dht,
+        transport,
+        &prefixes,
+        &p.grid,
+        p.hidden_dim,
+        MoeSettings {
+            k_best: p.k_best,
+            k_min: 1,
+            backward_k_min: 1,
+            forward_timeout: Some(Duration::from_secs(20)),
+            backward_timeout: Some(Duration::from_secs(20)),
+            timeout_after_k_min: Some(Duration::from_secs(2)),
+            allow_zero_outputs: false,
+            detect_anomalies: false,
+        },
+        p.seed,
+    )?;
+    let mut lm = LmConfig::new(corpus.vocab.len());
+    lm.d_model = p.hidden_dim;
+    lm.layers = p.layers;
+    lm.context = p.seq;
+    let tconfig = TrainerConfig {
+        batch: p.batch,
+        seq: p.seq,
+        lr: p.lr,
+        seed: p.seed,
+        ..TrainerConfig::default()
+    };
+    let trainer = Trainer::new(lm, moes, corpus, tconfig)?;
+
+    let (warmup, steps) = (p.warmup, p.steps);
+    let measured = tokio::task::spawn_blocking(move || train(trainer, warmup, steps))
+        .await
+        .context("the trainer thread panicked")??;
+
+    let mut sorted = measured.step_seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let samples = p.steps as usize * p.batch * p.seq;
+    let [fwd, fwd_failed, bwd, bwd_failed] = measured.calls;
+    let (latency_ms, latency_via) = if p.latency_ms > 0.0 {
+        (p.latency_ms, "transport")
+    } else if p.network_latency_ms > 0.0 {
+        (p.network_latency_ms, "network")
+    } else {
+        (0.0, "none")
+    };
+    let result = json!({
+        "impl": "apiary",
+        "steps_per_s": p.steps as f64 / measured.seconds,
+        "samples_per_s": samples as f64 / measured.seconds,
+        "seconds": measured.seconds,
+        "step_ms_median": median * 1e3,
+        "steps": p.steps,
+        "warmup": p.warmup,
+        "latency_ms": latency_ms,
+        "latency_via": latency_via,
+        "volunteers": p.volunteers,
+        "experts": experts,
+        "layers": p.layers,
+        "grid": p.grid,
+        "hidden": p.hidden_dim,
+        "batch": p.batch,
+        "seq": p.seq,
+        "k_best": p.k_best,
+        "loss_first": measured.loss_first,
+        "loss_last": measured.loss_last,
+        "expert_calls": {"forward": fwd, "forward_failed": fwd_failed, "backward": bwd, "backward_failed": bwd_failed},
+    });
+
+    for v in &mut volunteers {
+        v.stop().await;
+    }
+    t_dht.shutdown().await;
+    t_p2p.shutdown().await;
+    boot_dht.shutdown().await;
+    boot_p2p.shutdown().await;
+
+    if out.is_json() {
+        out.result(result);
+    } else {
+        out.say(&format!(
+            "MoE trainer, {} layer(s) × grid {:?} (hidden {}) on {} local volunteers, batch {}×{}, k_best {}, \
+             latency {latency_ms} ms one-way ({latency_via}):\n  {:.2} steps/s, {:.0} samples (characters)/s, \
+             median step {:.0} ms, over {} steps after {} warm-up; loss {:.3} → {:.3}",
+            p.layers,
+            p.grid,
+            p.hidden_dim,
+            p.volunteers,
+            p.batch,
+            p.seq,
+            p.k_best,
+            p.steps as f64 / measured.seconds,
+            samples as f64 / measured.seconds,
+            median * 1e3,
+            p.steps,
+            p.warmup,
+            measured.loss_first,
+            measured.loss_last,
+        ));
+    }
+    Ok(())
+}
+
+/// The training thread: `warmup` untimed steps, then `steps` timed ones.
+fn train(mut trainer: Trainer, warmup: u64, steps: u64) -> Result<Measured> {
+    for _ in 0..warmup {
+        trainer.step()?;
+    }
+    let calls = |t: &Trainer| -> [u64; 4] {
+        t.moes().iter().fold([0; 4], |acc, m| {
+            let s = m.stats();
+            [
+                acc[0] + s.forward_calls,
+                acc[1] + s.forward_failures,
+                acc[2] + s.backward_calls,
+                acc[3] + s.backward_failures,
+            ]
+        })
+    };
+    let before = calls(&trainer);
+    let mut step_seconds = Vec::with_capacity(steps as usize);
+    let (mut loss_first, mut loss_last) = (f32::NAN, f32::NAN);
+    let started = Instant::now();
+    for i in 0..steps {
+        let r = trainer.step()?;
+        if i == 0 {
+            loss_first = r.loss;
+        }
+        loss_last = r.loss;
+        step_seconds.push(r.seconds);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = calls(&trainer);
+    Ok(Measured {
+        seconds,
+        step_seconds,
+        loss_first,
+        loss_last,
+        calls: [
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2],
+            after[3] - before[3],
+        ],
+    })
+}

@@ -1,0 +1,276 @@
+//! A swarm on this machine: volunteers hosting expert grids, the nodes they run on, and a trainer's MoE
+//! layers over them — shared by `apiary demo`, `apiary train` and `apiary bench moe`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use apiary_dht::{Dht, DhtConfig, DhtHandle};
+use apiary_expert::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
+use apiary_expert::schema::ExpertSchema;
+use apiary_expert::server::{Declarer, ExpertServer};
+use apiary_expert::{BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind, RuntimeStats};
+use apiary_moe::beam::{BeamSearchConfig, MoEBeamSearcher};
+use apiary_moe::moe::{MoeConfig, RemoteMixtureOfExperts};
+use apiary_moe::transport::ExpertTransport;
+use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol};
+use apiary_wire::proto::runtime::CompressionType;
+use serde_json::{Value as Json, json};
+
+/// How often volunteers refresh their declarations, and how long one lives.
+pub const UPDATE_PERIOD: Duration = Duration::from_secs(4);
+pub const EXPIRATION: Duration = Duration::from_secs(10);
+
+/// One volunteer: a node of the swarm hosting some experts.
+pub struct Volunteer {
+    pub name: String,
+    pub p2p: P2pHandle,
+    dht: DhtHandle,
+    runtime: RuntimeHandle,
+    declarer: Option<Declarer>,
+    pub uids: Vec<String>,
+    /// The last statistics, kept when the volunteer is killed.
+    stats: Option<RuntimeStats>,
+}
+
+impl Volunteer {
+    pub async fn start(
+        name: String,
+        bootstrap: &[Multiaddr],
+        uids: Vec<String>,
+        hidden: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let (p2p, dht) = node(bootstrap, false).await?;
+        let mut backends = Vec::new();
+        let mut schemas = HashMap::new();
+        for (i, uid) in uids.iter().enumerate() {
+            let config = ExpertConfig::new(ExpertKind::Ffn, hidden);
+            let expert = Expert::new(config, seed.wrapping_mul(1000).wrapping_add(i as u64))?;
+            backends.push((uid.clone(), ExpertBackend::new(expert, BackendConfig::default())?));
+            schemas.insert(
+                uid.clone(),
+                ExpertSchema::server_create(ExpertKind::Ffn, hidden, CompressionType::None, 4096),
+            );
+        }
+        let runtime = Runtime::spawn(backends, RuntimeConfig::default())?;
+        ExpertServer::new(runtime.clone(), schemas)
+            .register(&p2p)
+            .context("registering the expert RPCs")?;
+        let (declarer, _) = Declarer::start(dht.clone(), uids.clone(), UPDATE_PERIOD, EXPIRATION).await;
+        Ok(Self {
+            name,
+            p2p,
+            dht,
+            runtime,
+            declarer: Some(declarer),
+            uids,
+            stats: None,
+        })
+    }
+
+    pub fn alive(&self) -> bool {
+        self.declarer.is_some()
+    }
+
+    pub fn stats(&self) -> RuntimeStats {
+        self.stats.clone().unwrap_or_else(|| self.runtime.stats())
+    }
+
+    /// Gone without a goodbye: declarations are neither refreshed nor withdrawn, connections drop.
+    pub async fn kill(&mut self) {
+        self.stats = Some(self.runtime.stats());
+        drop(self.declarer.take()); // stops refreshing; the records stay until they expire
+        self.p2p.shutdown().await;
+        self.runtime.shutdown().await;
+        self.dht.shutdown().await;
+    }
+
+    /// A clean exit: declarations withdrawn first.
+    pub async fn stop(&mut self) {
+        if let Some(declarer) = self.declarer.take() {
+            self.stats = Some(self.runtime.stats());
+            declarer.withdraw().await;
+            self.runtime.shutdown().await;
+            self.dht.shutdown().await;
+            self.p2p.shutdown().await;
+        }
+    }
+}
+
+/// A P2P host on loopback and a DHT node bootstrapped from `bootstrap`.
+pub async fn node(bootstrap: &[Multiaddr], client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
+    let config = P2pConfig {
+        listen_addrs: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        ..P2pConfig::default()
+    };
+    let (p2p, _task) = Host::spawn(config).context("could not start a libp2p host")?;
+    let mut dht_config = DhtConfig::default();
+    dht_config.client_mode = client_mode;
+    let dht = Dht::spawn(p2p.clone(), dht_config, bootstrap.to_vec())
+        .await
+        .context("could not join the DHT")?;
+    Ok((p2p, dht))
+}
+
+/// The full `/p2p/` multiaddrs of a host (waiting briefly for its listener).
+pub async fn maddrs(p2p: &P2pHandle) -> Vec<Multiaddr> {
+    let mut addrs = p2p.listen_addrs();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while addrs.borrow().is_empty() && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), addrs.changed()).await;
+    }
+    let id = p2p.local_peer_id();
+    let list = addrs.borrow().clone();
+    list.into_iter().map(|a| a.with(Protocol::P2p(id))).collect()
+}
+
+/// Which volunteer hosts expert `coords` of layer `layer`: spread so that every grid row (a prefix the
+/// beam search expands) lives on several volunteers, and losing one never takes a sample's whole choice.
+pub fn host_of(layer: usize, coords: &[usize], volunteers: usize) -> usize {
+    (layer + coords.iter().sum::<usize>()) % volunteers
+}
+
+/// Every coordinate tuple of `grid`, in order.
+pub fn grid_coords(grid: &[usize]) -> Vec<Vec<usize>> {
+    let mut all = vec![Vec::new()];
+    for &size in grid {
+        all = all
+            .into_iter()
+            .flat_map(|prefix| {
+                (0..size).map(move |i| {
+                    let mut c = prefix.clone();
+                    c.push(i);
+                    c
+                })
+            })
+            .collect();
+    }
+    all
+}
+
+pub fn uid(layer: usize, coords: &[usize]) -> String {
+    let c: Vec<String> = coords.iter().map(ToString::to_string).collect();
+    format!("{}{}", prefix(layer), c.join("."))
+}
+
+pub fn prefix(layer: usize) -> String {
+    format!("ffn_l{layer}.")
+}
+
+impl Volunteer {
+    /// What this volunteer contributed: calls, samples and optimizer steps over all its experts.
+    pub fn contribution(&self) -> Json {
+        let s = self.stats();
+        let sum = |f: fn(&apiary_expert::ExpertStats) -> u64| s.experts.iter().map(f).sum::<u64>();
+        json!({
+            "volunteer": self.name,
+            "alive": self.alive(),
+            "experts": self.uids.len(),
+            "forward_batches": sum(|e| e.forward_batches),
+            "backward_batches": sum(|e| e.backward_batches),
+            "forward_samples": sum(|e| e.forward_rows),
+            "backward_samples": sum(|e| e.backward_rows),
+            "optimizer_steps": sum(|e| e.optimizer_steps),
+        })
+    }
+}
+
+/// Starts `count` volunteers bootstrapped from `boot`, hosting every expert of `layers` grids of `grid`
+/// (uid prefixes [`prefix`]) spread by [`host_of`].
+pub async fn volunteers(
+    boot: &[Multiaddr],
+    count: usize,
+    layers: usize,
+    grid: &[usize],
+    hidden: usize,
+    seed: u64,
+) -> Result<Vec<Volunteer>> {
+    let coords = grid_coords(grid);
+    let mut all = Vec::with_capacity(count);
+    for v in 0..count {
+        let uids: Vec<String> = (0..layers)
+            .flat_map(|l| {
+                coords
+                    .iter()
+                    .filter(move |c| host_of(l, c, count) == v)
+                    .map(move |c| uid(l, c))
+            })
+            .collect();
+        let name = format!("volunteer {}", v + 1);
+        all.push(
+            Volunteer::start(name, boot, uids, hidden, seed ^ (v as u64 + 1))
+                .await
+                .with_context(|| format!("starting volunteer {}", v + 1))?,
+        );
+    }
+    Ok(all)
+}
+
+/// How a trainer's MoE layers call experts.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeSettings {
+    pub k_best: usize,
+    pub k_min: usize,
+    pub backward_k_min: usize,
+    pub forward_timeout: Option<Duration>,
+    pub backward_timeout: Option<Duration>,
+    pub timeout_after_k_min: Option<Duration>,
+    pub allow_zero_outputs: bool,
+    pub detect_anomalies: bool,
+}
+
+/// One MoE layer per uid prefix, routing with a beam search over `dht` and calling over `transport`.
+pub fn moe_layers(
+    dht: &DhtHandle,
+    transport: Arc<dyn ExpertTransport>,
+    prefixes: &[String],
+    grid: &[usize],
+    in_features: usize,
+    settings: MoeSettings,
+    seed: u64,
+) -> Result<Vec<RemoteMixtureOfExperts>> {
+    prefixes
+        .iter()
+        .enumerate()
+        .map(|(layer, prefix)| {
+            let searcher =
+                MoEBeamSearcher::new(dht.clone(), prefix, grid.to_vec(), BeamSearchConfig::default())?;
+            let mut config = MoeConfig::new(in_features, prefix, grid.to_vec());
+            config.k_best = settings.k_best;
+            config.k_min = settings.k_min;
+            config.backward_k_min = settings.backward_k_min;
+            config.forward_timeout = settings.forward_timeout;
+            config.backward_timeout = settings.backward_timeout;
+            config.timeout_after_k_min = settings.timeout_after_k_min;
+            config.allow_zero_outputs = settings.allow_zero_outputs;
+            config.detect_anomalies = settings.detect_anomalies;
+            Ok(RemoteMixtureOfExperts::new(
+                config,
+                Arc::new(searcher),
+                transport.clone(),
+                tokio::runtime::Handle::current(),
+                seed.wrapping_add(100 + layer as u64),
+            )?)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_grid_row_spans_several_volunteers() {
+        for layer in 0..2 {
+            for row in 0..4 {
+                let hosts: std::collections::HashSet<usize> =
+                    (0..4).map(|j| host_of(layer, &[row, j], 3)).collect();
+                assert!(hosts.len() >= 2, "layer {layer} row {row}: {hosts:?}");
+            }
+        }
+        assert_eq!(grid_coords(&[2, 3]).len(), 6);
+        assert_eq!(uid(1, &[2, 3]), "ffn_l1.2.3");
+    }
+}
