@@ -303,8 +303,11 @@ fn limits_for(schema: &ExpertSchema) -> Limits {
 
 /// hivemind's `declare_experts` records for `uids` hosted by `peer` (base58): `uid → peer`, and for every
 /// proper prefix `prefix[coord] → (uid, peer)` (1-D uids under coordinate −1, hivemind's `FLAT_EXPERT`).
+/// As in hivemind's dictionary of records, a `(prefix, coord)` that several uids share (grids of three or
+/// more dimensions) is stored once, naming the last of them.
 pub fn declarations(uids: &[String], peer: &str, expiration: f64) -> Vec<StoreEntry> {
-    let mut out = Vec::new();
+    let mut out: Vec<StoreEntry> = Vec::new();
+    let mut at: std::collections::HashMap<(String, i64), usize> = std::collections::HashMap::new();
     for uid in uids {
         out.push(StoreEntry {
             key: Value::str(uid.as_str()),
@@ -321,12 +324,19 @@ pub fn declarations(uids: &[String], peer: &str, expiration: f64) -> Vec<StoreEn
             let Some((head, coord)) = split_uid(&prefix) else {
                 break;
             };
-            out.push(StoreEntry {
+            let entry = StoreEntry {
                 key: Value::str(head.as_str()),
                 subkey: Some(Value::from(coord)),
                 value: Value::Tuple(vec![Value::str(uid.as_str()), Value::str(peer)]),
                 expiration,
-            });
+            };
+            match at.entry((head.clone(), coord)) {
+                std::collections::hash_map::Entry::Occupied(i) => out[*i.get()] = entry,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(out.len());
+                    out.push(entry);
+                }
+            }
             prefix = head;
         }
     }
@@ -496,5 +506,23 @@ mod tests {
         );
         assert_eq!(split_uid("ffn.1.2."), Some(("ffn.1.".into(), 2)));
         assert_eq!(split_uid("nodots"), None);
+    }
+
+    /// In a 3-D grid `ffn.1.2.` is the prefix of both `ffn.1.2.3` and `ffn.1.2.4`, and `ffn.1.[2]` is
+    /// shared too: each record is stored once, naming the last uid, as hivemind's dictionary keeps it.
+    #[test]
+    fn shared_prefix_records_are_stored_once() {
+        let d = declarations(&["ffn.1.2.3".into(), "ffn.1.2.4".into()], "QmPeer", 1.0);
+        let shared: Vec<&StoreEntry> = d
+            .iter()
+            .filter(|e| e.key == Value::str("ffn.1.") && e.subkey == Some(Value::from(2)))
+            .collect();
+        assert_eq!(shared.len(), 1);
+        assert_eq!(
+            shared[0].value,
+            Value::Tuple(vec![Value::str("ffn.1.2.4"), Value::str("QmPeer")])
+        );
+        // 2 uid records + 2 sub-keys of `ffn.1.2.` + 1 of `ffn.1.`
+        assert_eq!(d.len(), 5);
     }
 }
