@@ -12,7 +12,6 @@ use apiary_moe::lm::{Corpus, LmConfig, Split};
 use apiary_moe::trainer::{StepReport, Trainer, TrainerConfig};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::output::Output;
@@ -181,16 +180,7 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
         let _ = tx.blocking_send(Event::Done(Box::new(result)));
     });
 
-    let bar = if out.is_json() {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(steps);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    };
+    let bar = out.progress(steps);
     let kill_at = args.kill_after.unwrap_or(steps / 2);
     let mut killed: Option<(usize, u64)> = None;
     let mut recovered_at = None;

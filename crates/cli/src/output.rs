@@ -49,6 +49,19 @@ impl Output {
         }
     }
 
+    /// A progress bar of `len` steps on stderr (hidden with `--json`).
+    pub fn progress(&self, len: u64) -> indicatif::ProgressBar {
+        if self.json {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    }
+
     /// The result of a one-shot command: one JSON line, or pretty JSON for people.
     pub fn result(&self, value: Json) {
         if self.json {

@@ -12,7 +12,6 @@ use apiary_moe::toy::ToyTrainer;
 use apiary_moe::trainer::{Trainer, TrainerConfig};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::dht::{NodeArgs, start};
@@ -183,16 +182,7 @@ pub async fn run(args: TrainArgs, out: &Output) -> Result<()> {
         }
     };
 
-    let bar = if out.is_json() {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(steps);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    };
+    let bar = out.progress(steps);
     let signal = crate::shutdown_signal();
     tokio::pin!(signal);
     let mut losses = Vec::new();

@@ -52,7 +52,7 @@ fn training_survives_a_killed_server_and_fails_clearly_when_all_are_gone() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel::<Value>();
+    let (tx, rx) = mpsc::sync_channel::<Value>(4096);
     let stdout = trainer.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::error::{MoeError, Result};
 use crate::lm::{Rng, cross_entropy};
 use crate::moe::RemoteMixtureOfExperts;
-use crate::trainer::StepReport;
+use crate::trainer::{StepReport, gradients};
 
 /// The toy classifier and its data.
 #[derive(Debug)]
@@ -120,15 +120,7 @@ impl ToyTrainer {
             return Err(MoeError::Anomaly(format!("the training loss is {value}")));
         }
         let accuracy = accuracy(&logits, &y)?;
-        let grads = loss.backward()?;
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| match grads.get(p.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(p.as_tensor().zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
+        let grads = gradients(&self.params, &loss.backward()?)?;
         self.optimizer.step(&self.params, &grads, self.lr, 1.0)?;
         self.steps += 1;
         Ok((

@@ -57,6 +57,17 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
+/// The gradient of each of `params` in `store` (zeros for one the loss did not reach).
+pub fn gradients(params: &[Var], store: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
+    params
+        .iter()
+        .map(|p| match store.get(p.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => Ok(p.as_tensor().zeros_like()?),
+        })
+        .collect()
+}
+
 /// A language model and its optimizer, trained on a corpus.
 #[derive(Debug)]
 pub struct Trainer {
@@ -163,15 +174,7 @@ impl Trainer {
         if !value.is_finite() {
             return Err(MoeError::Anomaly(format!("the training loss is {value}")));
         }
-        let grads = loss.backward()?;
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| match grads.get(p.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(p.as_tensor().zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
+        let grads = gradients(&self.params, &loss.backward()?)?;
         let norm = apiary_expert::global_norm(&grads)?;
         if !norm.is_finite() {
             return Err(MoeError::Anomaly(format!("the gradient norm is {norm}")));

@@ -6,81 +6,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod local_common;
+
+use local_common::{GRID, H, Setup, rand, setup, uid};
+
 use std::sync::Arc;
 
-use apiary_expert::schema::ExpertSchema;
-use apiary_expert::{BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind, OptimizerConfig};
 use apiary_moe::MoeError;
 use apiary_moe::lm::Rng;
-use apiary_moe::moe::{Router, StaticRouter, coordinates};
+use apiary_moe::moe::{Router, coordinates};
 use apiary_moe::switch::{BalancingLoss, RemoteSwitchMixtureOfExperts, SwitchConfig, SwitchOutput};
-use apiary_moe::transport::{ExpertAddr, Fault, LocalTransport, Rpc, TransportConfig};
-use apiary_p2p::PeerId;
+use apiary_moe::transport::{Fault, Rpc};
 use candle_core::{D, DType, Device, Tensor, Var};
-
-const H: usize = 16;
-const GRID: [usize; 2] = [3, 3];
-
-struct Setup {
-    rt: tokio::runtime::Runtime,
-    transport: LocalTransport,
-    router: StaticRouter,
-    /// The same experts, for the reference.
-    experts: Vec<(ExpertAddr, Expert)>,
-}
-
-fn uid(i: usize, j: usize) -> String {
-    format!("ffn.{i}.{j}")
-}
-
-fn setup(skip: &[(usize, usize)]) -> Setup {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let peer = PeerId::random();
-    let mut transport = LocalTransport::new(TransportConfig::default());
-    let mut addrs = Vec::new();
-    let mut experts = Vec::new();
-    let schema = ExpertSchema::server_create(
-        ExpertKind::Ffn,
-        H,
-        apiary_wire::proto::runtime::CompressionType::None,
-        4096,
-    );
-    for i in 0..GRID[0] {
-        for j in 0..GRID[1] {
-            if skip.contains(&(i, j)) {
-                continue;
-            }
-            let seed = (10 * i + j) as u64;
-            let config = ExpertConfig::new(ExpertKind::Ffn, H);
-            let backend = ExpertBackend::new(
-                Expert::new(config, seed).unwrap(),
-                // lr 0: the experts stay as they are, so runs compare with one another
-                BackendConfig {
-                    optimizer: OptimizerConfig::Sgd {
-                        lr: 0.0,
-                        momentum: 0.0,
-                        dampening: 0.0,
-                        weight_decay: 0.0,
-                        nesterov: false,
-                    },
-                    ..BackendConfig::default()
-                },
-            )
-            .unwrap();
-            transport = transport.with_backend(uid(i, j), backend, &schema).unwrap();
-            let addr = ExpertAddr::new(uid(i, j), peer);
-            addrs.push(addr.clone());
-            experts.push((addr, Expert::new(config, seed).unwrap()));
-        }
-    }
-    let router = StaticRouter::new("ffn.", &GRID, addrs).unwrap();
-    Setup {
-        rt,
-        transport,
-        router,
-        experts,
-    }
-}
 
 fn config() -> SwitchConfig {
     SwitchConfig::new(H, "ffn.", GRID.to_vec())
@@ -99,11 +36,6 @@ fn layer_seeded(s: &Setup, config: SwitchConfig, seed: u64) -> RemoteSwitchMixtu
 
 fn layer(s: &Setup, config: SwitchConfig) -> RemoteSwitchMixtureOfExperts {
     layer_seeded(s, config, 7)
-}
-
-fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_vec(rng.uniform(1.0, n), shape, &Device::Cpu).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
