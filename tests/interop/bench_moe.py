@@ -9,9 +9,19 @@ The same swarm and model as `apiary bench moe` (crates/cli/src/bench_moe.rs, cra
 - a trainer (this process, a client-mode DHT node): a character-level transformer LM (--layers blocks, d_model =
   --hidden-dim, --heads heads; each block `h = x + Attention(LayerNorm(x))`, then the MoE layer over h's
   (batch·seq, d_model) rows replaces h; final LayerNorm and a linear head), whose MoE layers are
-  `RemoteMixtureOfExperts(k_best=--k-best, k_min=1, forward/backward timeout 20 s, timeout_after_k_min 2 s)`,
+  `RemoteMixtureOfExperts(k_best=--k-best, k_min=1, forward/backward timeout --forward-timeout (20 s, Apiary's;
+  `cargo xtask bench moe` gives 300 s), timeout_after_k_min 2 s)`,
   Adam at --lr with the gradient norm clipped to 1, on batches of --batch × --seq characters of the demo's corpus;
+- each server runs --num-handlers (2) connection handler processes, not hivemind's default of 8 per expert (~80);
+- two settings differ from hivemind's defaults, because with them the trainer stops working on this 2-CPU machine: the
+  DHT nodes' wait_timeout is 30 s (not 3 s; while the servers' processes are busy with a layer's 2,048 expert
+  requests, the next layer's beam search times out), and the MoE layers' beam search keeps no negative cache
+  (`negative_caching=False`: one timed-out beam search would mark every grid row inactive for 300 s);
+- a hivemind bug is worked around: its DHT process dies reading a big command from a pipe still being written
+  (`_patient_pipes`);
 - --warmup untimed steps, then --steps timed ones: steps_per_s, samples_per_s (characters/s = batch·seq per step).
+  A step hivemind's layer gives up on (empty beam search, no expert in time) is retried with the next batch, its
+  time counted (`failed_steps`).
 
 --latency-ms L delays every expert RPC of the trainer in-process, as `apiary bench moe --latency-ms` does (L before
 the request leaves, L before the reply is handed back; DHT traffic not delayed). `cargo xtask bench moe` instead runs
@@ -157,6 +167,36 @@ import torch.nn.functional as F  # noqa: E402
 import hivemind  # noqa: E402
 import hivemind.moe.client.moe as hivemind_moe  # noqa: E402
 
+
+def _patient_pipes():
+    """hivemind 1.1.12's DHT process reads its command pipe after `poll()` and dies when a big command (a beam search
+    over a whole batch's gating scores) is only partly in the pipe: `BlockingIOError` mid-message, then `EOFError`
+    on the garbage after it, and the trainer hangs. Pipes here wait for the rest of a message instead."""
+    import multiprocessing.connection as mpc
+    import select
+
+    recv, send = mpc.Connection._recv, mpc.Connection._send
+
+    def read(handle, n):
+        while True:
+            try:
+                return os.read(handle, n)
+            except BlockingIOError:
+                select.select([handle], [], [], 1.0)
+
+    def write(handle, buf):
+        while True:
+            try:
+                return os.write(handle, buf)
+            except BlockingIOError:
+                select.select([], [handle], [], 1.0)
+
+    mpc.Connection._recv = lambda self, size, read_=read: recv(self, size, read_)
+    mpc.Connection._send = lambda self, buf, write_=write: send(self, buf, write_)
+
+
+_patient_pipes()
+
 CORPUS = Path(__file__).resolve().parents[2] / "assets" / "corpus" / "shakespeare-plays.txt"
 
 
@@ -181,7 +221,7 @@ def volunteer(uids, a, initial_peers, ready, stop):
     server = hivemind.moe.Server.create(
         expert_uids=uids, expert_cls="ffn", hidden_dim=a.hidden_dim, max_batch_size=4096, device="cpu",
         num_handlers=a.num_handlers, initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        update_period=4, expiration=10, start=True,
+        update_period=4, expiration=10, wait_timeout=a.dht_timeout, start=True,
     )
     server.ready.wait()
     ready.release()
@@ -260,6 +300,10 @@ def main():
     p.add_argument("--num-handlers", type=int, default=2,
                    help="connection handler processes per server (hivemind's default, 8 per expert, would be "
                         "~80 processes per server here)")
+    p.add_argument("--forward-timeout", type=float, default=20,
+                   help="the MoE layers' forward_timeout and backward_timeout (Apiary's trainer uses 20 s)")
+    p.add_argument("--dht-timeout", type=float, default=30,
+                   help="the DHT nodes' wait_timeout (hivemind's default 3 s loses beam searches on a loaded machine)")
     p.add_argument("--timeout", type=float, default=300, help="seconds the swarm may take to come up")
     a = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -290,14 +334,21 @@ def main():
                 if time.monotonic() > deadline or not all(proc.is_alive() for proc in procs):
                     raise RuntimeError("a hivemind server did not come up")
 
-        dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True)
+        dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, wait_timeout=a.dht_timeout, start=True)
+        # every expert declared and visible to the trainer before the first step (as Apiary's volunteers are)
+        all_uids = [uid for v in range(a.volunteers) for uid in uids_of(v, a)]
+        while not all(hivemind.moe.get_experts(dht, all_uids)):
+            if time.monotonic() > deadline or not all(proc.is_alive() for proc in procs):
+                raise RuntimeError("the trainer does not see every expert in the DHT")
+            time.sleep(1)
         if a.latency_ms > 0:
             delay_expert_calls(a.latency_ms / 1000)
         moes = [
             hivemind.moe.RemoteMixtureOfExperts(
                 in_features=a.hidden_dim, grid_size=tuple(a.grid), dht=dht, uid_prefix=f"ffn_l{layer}.",
-                k_best=a.k_best, k_min=1, forward_timeout=20, backward_timeout=20, timeout_after_k_min=2,
-                backward_k_min=1,
+                k_best=a.k_best, k_min=1, forward_timeout=a.forward_timeout, backward_timeout=a.forward_timeout,
+                timeout_after_k_min=2,
+                backward_k_min=1, negative_caching=False,
             )
             for layer in range(a.layers)
         ]
@@ -317,14 +368,33 @@ def main():
             opt.step()
             return loss.item(), time.perf_counter() - t
 
-        for _ in range(a.warmup):
-            step()
-        times, losses = [], []
+        def attempt(what):
+            # hivemind's layer raises when a beam search comes back empty or no expert answers in time (both happen
+            # on a loaded machine): the step is lost, the clock runs on, and the next batch is tried
+            try:
+                loss, seconds = step()
+            except (RuntimeError, TimeoutError) as e:
+                print(f"bench_moe.py: {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                return None
+            print(f"bench_moe.py: {what}: loss {loss:.3f}, {seconds:.2f} s", file=sys.stderr)
+            return loss, seconds
+
+        done = 0
+        for _ in range(3 * max(a.warmup, 1)):
+            if done == a.warmup:
+                break
+            done += attempt(f"warm-up step {done + 1}/{a.warmup}") is not None
+        times, losses, failed = [], [], 0
         t0 = time.perf_counter()
-        for _ in range(a.steps):
-            loss, seconds = step()
-            losses.append(loss)
-            times.append(seconds)
+        while len(times) < a.steps:
+            if failed > 2 * a.steps:
+                raise RuntimeError(f"{failed} failed steps")
+            r = attempt(f"step {len(times) + 1}/{a.steps}")
+            if r is None:
+                failed += 1
+                continue
+            losses.append(r[0])
+            times.append(r[1])
         total = time.perf_counter() - t0
 
         if a.latency_ms > 0:
@@ -339,7 +409,7 @@ def main():
             step_ms_median=statistics.median(times) * 1e3, steps=a.steps, warmup=a.warmup, latency_ms=latency_ms,
             latency_via=via, volunteers=a.volunteers, experts=experts, layers=a.layers, grid=a.grid,
             hidden=a.hidden_dim, batch=a.batch, seq=a.seq, k_best=a.k_best, loss_first=losses[0],
-            loss_last=losses[-1], num_handlers=a.num_handlers,
+            loss_last=losses[-1], failed_steps=failed, num_handlers=a.num_handlers,
         )), flush=True)
     finally:
         if stop is not None:

@@ -21,6 +21,11 @@
 //! Apiary server, plus the same work in-process), (b) `tests/interop/bench_server.py --initial-peers` of
 //! a running `apiary server` (hivemind clients → Apiary server), (c) `bench_server.py` alone (hivemind
 //! clients → hivemind server); table in `target/bench/server.md`.
+//!
+//! `bench moe [--steps 10 --warmup 2 --latency-ms 0 100 --hivemind-steps N --via netns|transport]`: trainer
+//! throughput of the demo's model against 3 local volunteers, `apiary bench moe` beside
+//! `tests/interop/bench_moe.py` (hivemind's `RemoteMixtureOfExperts` against hivemind `Server`s), at each
+//! one-way latency; table in `target/bench/moe.md`. See [`moe`].
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -54,6 +59,7 @@ pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("dht") => dht(&args[1..]),
         Some("server") => server(&args[1..]),
+        Some("moe") => moe::run(&args[1..]),
         Some("codecs") => codecs(&args[1..]),
         _ => codecs(args),
     }
@@ -584,4 +590,447 @@ fn setup_and_build_apiary() -> Result<(setup::Env, PathBuf)> {
     )?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), Into::into);
     Ok((env, target))
+}
+
+/// `cargo xtask bench moe`: `apiary bench moe` and `tests/interop/bench_moe.py` at each latency.
+///
+/// Latency (`--via netns`, the default): each run pair gets a fresh network namespace
+/// (`apiary-moe-<pid>-<ms>`) whose loopback delays every packet `L` ms once — what `tc qdisc add dev lo
+/// root netem delay <L>ms` does, so a round trip takes `2L` and every connection (DHT, expert RPCs, TCP
+/// handshakes and ACKs) sees it. Kernels without `sch_netem` (this project's CI VMs: no
+/// `CONFIG_NET_SCH_NETEM`, no modules) get the same delay from a userspace delay line: an iptables rule
+/// sends every loopback packet leaving `OUTPUT` to netfilter queue 0, and `bench_moe.py delay --ms L` holds
+/// each one `L` ms before accepting it. Both benchmarks run inside the namespace (`ip netns exec`), which
+/// is deleted afterwards, also when a run fails. `--via transport` (or the fallback when no namespace can
+/// be made) injects the latency inside each trainer instead: every expert RPC waits `L` before leaving
+/// and `L` before its reply is used; DHT traffic is not delayed.
+mod moe {
+    use std::fmt::Write as _;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+
+    use anyhow::{Context, Result, bail};
+    use serde_json::Value;
+
+    use super::{one_json, publish, setup_and_build_apiary};
+    use crate::{root, show};
+
+    const USAGE: &str = "usage: cargo xtask bench moe [--steps N] [--warmup N] [--hivemind-steps N] \
+                         [--latency-ms L ...] [--via netns|transport]";
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Via {
+        Netns,
+        Transport,
+    }
+
+    struct Params {
+        steps: u64,
+        warmup: u64,
+        hivemind_steps: Option<u64>,
+        latencies: Vec<u64>,
+        via: Via,
+    }
+
+    fn parse(args: &[String]) -> Result<Params> {
+        let mut p = Params {
+            steps: 10,
+            warmup: 2,
+            hivemind_steps: None,
+            latencies: vec![0, 100],
+            via: Via::Netns,
+        };
+        let mut latencies = Vec::new();
+        let mut it = args.iter().peekable();
+        while let Some(a) = it.next() {
+            let mut number = |name: &str| -> Result<u64> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("{name} needs a number\n{USAGE}"))
+            };
+            match a.as_str() {
+                "--steps" => p.steps = number("--steps")?.max(1),
+                "--warmup" => p.warmup = number("--warmup")?,
+                "--hivemind-steps" => p.hivemind_steps = Some(number("--hivemind-steps")?.max(1)),
+                "--latency-ms" => {
+                    latencies.push(number("--latency-ms")?);
+                    while let Some(v) = it.peek().and_then(|v| v.parse::<u64>().ok()) {
+                        latencies.push(v);
+                        it.next();
+                    }
+                }
+                "--via" => {
+                    p.via = match it.next().map(String::as_str) {
+                        Some("netns") => Via::Netns,
+                        Some("transport") => Via::Transport,
+                        _ => bail!("--via takes netns or transport\n{USAGE}"),
+                    }
+                }
+                other => bail!("unknown argument {other:?}\n{USAGE}"),
+            }
+        }
+        if !latencies.is_empty() {
+            p.latencies = latencies;
+        }
+        Ok(p)
+    }
+
+    /// One measured row.
+    struct Row {
+        apiary: Value,
+        hivemind: Value,
+        latency_ms: u64,
+        via: Via,
+    }
+
+    pub fn run(args: &[String]) -> Result<()> {
+        let p = parse(args)?;
+        let (env, target) = setup_and_build_apiary()?;
+        let apiary_bin = target.join("release/apiary");
+        let script = root().join("tests/interop/bench_moe.py");
+        let mut via = p.via;
+        if via == Via::Netns {
+            if let Err(e) = netns_tools() {
+                eprintln!(
+                    "xtask: no network namespaces here ({e:#}); injecting the latency in the trainers instead"
+                );
+                via = Via::Transport;
+            } else {
+                remove_stale_namespaces();
+            }
+        }
+        let mut rows = Vec::new();
+        for &latency in &p.latencies {
+            let ms = latency.to_string();
+            let mut ns = None;
+            if via == Via::Netns {
+                match Netns::create(latency, &script, &env.hivemind_python) {
+                    Ok(n) => ns = Some(n),
+                    Err(e) if rows.is_empty() => {
+                        eprintln!(
+                            "xtask: could not set up a namespace ({e:#}); injecting the latency in the trainers instead"
+                        );
+                        via = Via::Transport;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let latency_flag = if via == Via::Netns {
+                "--network-latency-ms"
+            } else {
+                "--latency-ms"
+            };
+            // inside the namespace when there is one; it is deleted when `ns` drops, also on an error
+            let command = |program: &std::path::Path| -> Command {
+                match &ns {
+                    Some(n) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", &n.name]).arg(program);
+                        c
+                    }
+                    None => Command::new(program),
+                }
+            };
+            let steps = p.steps.to_string();
+            let warmup = p.warmup.to_string();
+            let apiary = one_json(
+                &format!("Apiary trainer, {latency} ms one-way"),
+                command(&apiary_bin)
+                    .args([
+                        "--json", "-q", "bench", "moe", "--steps", &steps, "--warmup", &warmup,
+                    ])
+                    .args([latency_flag, &ms]),
+            )?;
+            let hsteps = p.hivemind_steps.unwrap_or(p.steps).to_string();
+            let hivemind = one_json(
+                &format!("hivemind 1.1.12 trainer (RemoteMixtureOfExperts), {latency} ms one-way"),
+                command(&env.hivemind_python)
+                    .arg(&script)
+                    .args([
+                        "--steps",
+                        &hsteps,
+                        "--warmup",
+                        &warmup,
+                        "--forward-timeout",
+                        "300",
+                    ])
+                    .args([latency_flag, &ms]),
+            )?;
+            drop(ns);
+            rows.push(Row {
+                apiary,
+                hivemind,
+                latency_ms: latency,
+                via,
+            });
+        }
+        let report = table(&rows, &p)?;
+        publish("moe.md", &report)
+    }
+
+    /// `ip` and `iptables` present (installed when missing, on Debian/Ubuntu) and root to use them.
+    fn netns_tools() -> Result<()> {
+        let present = |tool: &str| {
+            Command::new(tool)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut missing = Vec::new();
+        if !present("ip") {
+            missing.push("iproute2");
+        }
+        if !present("iptables") {
+            missing.push("iptables");
+        }
+        if !missing.is_empty() {
+            crate::step(
+                "install what the latency namespace needs",
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing),
+            )?;
+        }
+        let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            bail!("network namespaces need root (run as root, or pass --via transport)");
+        }
+        Ok(())
+    }
+
+    /// Namespaces a killed earlier run left behind (their xtask's pid is gone).
+    fn remove_stale_namespaces() {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let Some(pid) = name
+                .strip_prefix("apiary-moe-")
+                .and_then(|rest| rest.split('-').next())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                eprintln!("xtask: removing the stale namespace {name}");
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+
+    /// A network namespace whose loopback delays every packet; deleted on drop.
+    struct Netns {
+        name: String,
+        delay_line: Option<Child>,
+    }
+
+    impl Netns {
+        fn create(latency_ms: u64, script: &std::path::Path, python: &std::path::Path) -> Result<Self> {
+            let name = format!("apiary-moe-{}-{latency_ms}", std::process::id());
+            let ip = |args: &[&str]| -> Result<()> {
+                let mut c = Command::new("ip");
+                c.args(args);
+                let status = c.status().with_context(|| format!("running `{}`", show(&c)))?;
+                if !status.success() {
+                    bail!("`{}` failed ({status})", show(&c));
+                }
+                Ok(())
+            };
+            eprintln!("\n==> network namespace {name}: loopback up, every packet delayed {latency_ms} ms");
+            ip(&["netns", "add", &name])?;
+            let mut ns = Self {
+                name: name.clone(),
+                delay_line: None,
+            };
+            ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+            if latency_ms > 0 {
+                ip(&[
+                    "netns",
+                    "exec",
+                    &name,
+                    "iptables",
+                    "-A",
+                    "OUTPUT",
+                    "-o",
+                    "lo",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    "0",
+                ])?;
+                let mut line = Command::new("ip");
+                line.args(["netns", "exec", &name]).arg(python).arg(script).args([
+                    "delay",
+                    "--ms",
+                    &latency_ms.to_string(),
+                    "--queue",
+                    "0",
+                ]);
+                eprintln!("    $ {}", show(&line));
+                let mut child = line
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .with_context(|| format!("could not start `{}`", show(&line)))?;
+                let stdout = child.stdout.take().context("no stdout")?;
+                ns.delay_line = Some(child);
+                let mut ready = String::new();
+                BufReader::new(stdout)
+                    .read_line(&mut ready)
+                    .context("reading the delay line's ready line")?;
+                if ready.trim() != "ready" {
+                    bail!("the delay line did not start (said {ready:?})");
+                }
+            }
+            Ok(ns)
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.delay_line.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        }
+    }
+
+    /// The flags of this run beyond `--steps` and `--warmup`, as they would be typed.
+    fn flags(p: &Params, via: Via) -> String {
+        let mut f = String::new();
+        if let Some(h) = p.hivemind_steps {
+            f.push_str(&format!(" --hivemind-steps {h}"));
+        }
+        if p.latencies != [0, 100] {
+            let l: Vec<String> = p.latencies.iter().map(ToString::to_string).collect();
+            f.push_str(&format!(" --latency-ms {}", l.join(" ")));
+        }
+        if via == Via::Transport {
+            f.push_str(" --via transport");
+        }
+        f
+    }
+
+    fn table(rows: &[Row], p: &Params) -> Result<String> {
+        let num = |v: &Value, k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {v}"));
+        let first = rows.first().context("no measurements")?;
+        let a = &first.apiary;
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".to_owned());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut t = String::new();
+        writeln!(
+            t,
+            "## MoE trainer: the demo's model against {} local volunteers\n",
+            num(a, "volunteers")?
+        )?;
+        writeln!(
+            t,
+            "{} blocks, d_model {}, `ffn` experts (hidden {}) on a {} grid per block ({} experts), k_best {}, \
+             batches of {}×{} characters, Adam; `cargo xtask bench moe --steps {} --warmup {}{}`. \
+             Machine: {cpu}, {cores} CPUs.\n",
+            num(a, "layers")?,
+            num(a, "hidden")?,
+            num(a, "hidden")?,
+            a["grid"]
+                .as_array()
+                .map(|g| g.iter().map(ToString::to_string).collect::<Vec<_>>().join("×"))
+                .unwrap_or_default(),
+            num(a, "experts")?,
+            num(a, "k_best")?,
+            num(a, "batch")?,
+            num(a, "seq")?,
+            p.steps,
+            p.warmup,
+            flags(p, first.via),
+        )?;
+        let how = match first.via {
+            Via::Netns => {
+                "on every loopback packet of a network namespace both trainers and their swarms run in \
+                           (a userspace NFQUEUE delay line: this kernel has no `sch_netem`); a round trip is 2× it"
+            }
+            Via::Transport => {
+                "inside each trainer, on its expert RPCs only (L before the request, L before the \
+                               reply; DHT lookups not delayed)"
+            }
+        };
+        writeln!(t, "One-way latency injected {how}.\n")?;
+        writeln!(
+            t,
+            "| trainer | one-way latency | steps/s | samples/s (characters) | median step (ms) | vs its 0 ms | Apiary ÷ hivemind |"
+        )?;
+        writeln!(t, "|---|---|---|---|---|---|---|")?;
+        let base = |key: &str| rows.iter().find(|r| r.latency_ms == 0).map(|r| &r.apiary[key]);
+        let hbase = rows
+            .iter()
+            .find(|r| r.latency_ms == 0)
+            .map(|r| r.hivemind["samples_per_s"].clone());
+        for (name, pick) in [("Apiary", true), ("hivemind 1.1.12", false)] {
+            for r in rows {
+                let v = if pick { &r.apiary } else { &r.hivemind };
+                let rate = num(v, "samples_per_s")?;
+                let zero = if pick {
+                    base("samples_per_s").and_then(Value::as_f64)
+                } else {
+                    hbase.as_ref().and_then(Value::as_f64)
+                };
+                let vs = zero.map_or_else(String::new, |z| format!("{:.0}%", 100.0 * rate / z));
+                let ratio = num(&r.apiary, "samples_per_s")? / num(&r.hivemind, "samples_per_s")?;
+                writeln!(
+                    t,
+                    "| {name} | {} ms | {:.3} | {:.0} | {:.0} | {vs} | {} |",
+                    r.latency_ms,
+                    num(v, "steps_per_s")?,
+                    rate,
+                    num(v, "step_ms_median")?,
+                    if pick {
+                        format!("{ratio:.1}×")
+                    } else {
+                        String::new()
+                    },
+                )?;
+            }
+        }
+        writeln!(t)?;
+        writeln!(
+            t,
+            "- Steps: Apiary {} timed, hivemind {} timed, each after {} warm-up step(s). One trainer, stepping \
+             synchronously: every step waits for its layers' beam searches and expert calls in turn.",
+            num(a, "steps")?,
+            num(&first.hivemind, "steps")?,
+            p.warmup
+        )?;
+        writeln!(
+            t,
+            "- hivemind's `RemoteMixtureOfExperts` sends one request per (character, expert): {} per layer and \
+             step here; Apiary's sends one per expert with all the characters routed to it.",
+            num(a, "batch")? * num(a, "seq")? * num(a, "k_best")?
+        )?;
+        let failed: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                let n = r.hivemind["failed_steps"].as_u64().unwrap_or(0);
+                (n > 0).then(|| format!("{n} at {} ms", r.latency_ms))
+            })
+            .collect();
+        if !failed.is_empty() {
+            writeln!(
+                t,
+                "- hivemind steps that failed (an empty beam search or no expert answering in time) and were \
+                 retried with the next batch, their time counted: {}.",
+                failed.join(", ")
+            )?;
+        }
+        Ok(t)
+    }
 }

@@ -8,6 +8,7 @@
 //! cargo xtask bench    tensor codec benchmark, Apiary and hivemind side by side on this machine
 //! cargo xtask bench dht   DHT benchmark, Apiary and hivemind side by side on this machine
 //! cargo xtask bench server   expert server throughput (benchmark_throughput.py), Apiary and hivemind
+//! cargo xtask bench moe   MoE trainer steps/s at 0 and 100 ms one-way latency, Apiary and hivemind
 //! ```
 //!
 //! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
@@ -53,7 +54,9 @@ const HELP: &str = "usage: cargo xtask <demo|test|setup|golden|bench>
   golden  regenerate crates/wire/tests/golden with real hivemind
   bench   [codecs] tensor codec benchmark beside hivemind's serialize/deserialize on this machine
   bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's
-  bench server     expert server throughput (benchmark_throughput.py measure): Apiary and hivemind";
+  bench server     expert server throughput (benchmark_throughput.py measure): Apiary and hivemind
+  bench moe        MoE trainer steps/s and samples/s of the demo's model at 0 and 100 ms one-way latency
+                   (a network namespace delaying loopback): Apiary and hivemind's RemoteMixtureOfExperts";
 
 /// `cargo run --release -p apiary-cli -- demo <args>`: the demo needs nothing but a Rust toolchain.
 fn demo(args: &[String]) -> Result<()> {
