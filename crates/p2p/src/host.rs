@@ -261,11 +261,7 @@ impl Host {
             behaviour,
             peer,
             libp2p::swarm::Config::with_tokio_executor()
-                .with_idle_connection_timeout(config.idle_connection_timeout)
-                // outbound streams: propose the protocol and send the first request in one flight
-                // (multistream-select's lazy dialer, as go-libp2p's NewStream does) instead of waiting a
-                // round trip for the listener's confirmation
-                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy),
+                .with_idle_connection_timeout(config.idle_connection_timeout),
         );
         for addr in &config.external_addrs {
             swarm.add_external_address(addr.clone());
