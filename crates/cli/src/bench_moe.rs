@@ -33,7 +33,7 @@ use futures::future::BoxFuture;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, MoeSettings, maddrs, node, prefix};
+use crate::swarm::{self, MoeSettings, SwarmArgs, maddrs, node, prefix};
 
 /// The demo's training text.
 const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
@@ -55,33 +55,8 @@ pub struct MoeBench {
     /// `cargo xtask bench moe` sets up): only recorded in the result.
     #[arg(long, default_value_t = 0.0)]
     network_latency_ms: f64,
-    /// Volunteer nodes hosting the experts.
-    #[arg(long, default_value_t = 3)]
-    volunteers: usize,
-    /// The expert grid of each MoE layer, one size per dimension.
-    #[arg(long, num_args = 1.., default_values_t = [4usize, 4])]
-    grid: Vec<usize>,
-    /// The model's width, which is the experts' hidden dim.
-    #[arg(long, default_value_t = 64)]
-    hidden_dim: usize,
-    /// Transformer blocks (one MoE layer each).
-    #[arg(long, default_value_t = 2)]
-    layers: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
-    /// Characters per sequence.
-    #[arg(long, default_value_t = 32)]
-    seq: usize,
-    /// Experts per character and layer.
-    #[arg(long, default_value_t = 4)]
-    k_best: usize,
-    /// The trainer's learning rate (Adam).
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    /// Seeds the model, the experts and the batches.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    swarm: SwarmArgs,
 }
 
 /// An [`ExpertTransport`] whose calls take `delay` longer each way: the request waits `delay` before it
@@ -135,10 +110,15 @@ struct Measured {
 }
 
 pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
-    if p.volunteers == 0 || p.steps == 0 || p.layers == 0 || p.batch == 0 || p.seq == 0 {
+    if p.swarm.volunteers == 0
+        || p.steps == 0
+        || p.swarm.layers == 0
+        || p.swarm.batch == 0
+        || p.swarm.seq == 0
+    {
         bail!("--volunteers, --steps, --layers, --batch and --seq must be positive");
     }
-    if p.grid.is_empty() || p.grid.contains(&0) {
+    if p.swarm.grid.is_empty() || p.swarm.grid.contains(&0) {
         bail!("--grid: every size must be positive");
     }
     if !(p.latency_ms >= 0.0 && p.latency_ms.is_finite()) {
@@ -149,10 +129,17 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
     // the swarm, as the demo builds it
     let (boot_p2p, boot_dht) = node(&[], false).await?;
     let boot = maddrs(&boot_p2p).await;
-    let mut volunteers =
-        swarm::volunteers(&boot, p.volunteers, p.layers, &p.grid, p.hidden_dim, p.seed).await?;
+    let mut volunteers = swarm::volunteers(
+        &boot,
+        p.swarm.volunteers,
+        p.swarm.layers,
+        &p.swarm.grid,
+        p.swarm.hidden_dim,
+        p.swarm.seed,
+    )
+    .await?;
     let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();
-    tracing::info!(volunteers = p.volunteers, experts, "swarm up");
+    tracing::info!(volunteers = p.swarm.volunteers, experts, "swarm up");
 
     // the trainer
     let (t_p2p, t_dht) = node(&boot, true).await?;
@@ -172,15 +159,15 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
     } else {
         p2p_transport
     };
-    let prefixes: Vec<String> = (0..p.layers).map(prefix).collect();
+    let prefixes: Vec<String> = (0..p.swarm.layers).map(prefix).collect();
     let moes = swarm::moe_layers(
         &t_dht,
         transport,
         &prefixes,
-        &p.grid,
-        p.hidden_dim,
+        &p.swarm.grid,
+        p.swarm.hidden_dim,
         MoeSettings {
-            k_best: p.k_best,
+            k_best: p.swarm.k_best,
             k_min: 1,
             backward_k_min: 1,
             forward_timeout: Some(Duration::from_secs(20)),
@@ -189,17 +176,17 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
             allow_zero_outputs: false,
             detect_anomalies: false,
         },
-        p.seed,
+        p.swarm.seed,
     )?;
     let mut lm = LmConfig::new(corpus.vocab.len());
-    lm.d_model = p.hidden_dim;
-    lm.layers = p.layers;
-    lm.context = p.seq;
+    lm.d_model = p.swarm.hidden_dim;
+    lm.layers = p.swarm.layers;
+    lm.context = p.swarm.seq;
     let tconfig = TrainerConfig {
-        batch: p.batch,
-        seq: p.seq,
-        lr: p.lr,
-        seed: p.seed,
+        batch: p.swarm.batch,
+        seq: p.swarm.seq,
+        lr: p.swarm.lr,
+        seed: p.swarm.seed,
         ..TrainerConfig::default()
     };
     let trainer = Trainer::new(lm, moes, corpus, tconfig)?;
@@ -212,7 +199,7 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
     let mut sorted = measured.step_seconds.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let samples = p.steps as usize * p.batch * p.seq;
+    let samples = p.steps as usize * p.swarm.batch * p.swarm.seq;
     let [fwd, fwd_failed, bwd, bwd_failed] = measured.calls;
     let (latency_ms, latency_via) = if p.latency_ms > 0.0 {
         (p.latency_ms, "transport")
@@ -231,14 +218,14 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
         "warmup": p.warmup,
         "latency_ms": latency_ms,
         "latency_via": latency_via,
-        "volunteers": p.volunteers,
+        "volunteers": p.swarm.volunteers,
         "experts": experts,
-        "layers": p.layers,
-        "grid": p.grid,
-        "hidden": p.hidden_dim,
-        "batch": p.batch,
-        "seq": p.seq,
-        "k_best": p.k_best,
+        "layers": p.swarm.layers,
+        "grid": p.swarm.grid,
+        "hidden": p.swarm.hidden_dim,
+        "batch": p.swarm.batch,
+        "seq": p.swarm.seq,
+        "k_best": p.swarm.k_best,
         "loss_first": measured.loss_first,
         "loss_last": measured.loss_last,
         "expert_calls": {"forward": fwd, "forward_failed": fwd_failed, "backward": bwd, "backward_failed": bwd_failed},
@@ -259,13 +246,13 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
             "MoE trainer, {} layer(s) × grid {:?} (hidden {}) on {} local volunteers, batch {}×{}, k_best {}, \
              latency {latency_ms} ms one-way ({latency_via}):\n  {:.2} steps/s, {:.0} samples (characters)/s, \
              median step {:.0} ms, over {} steps after {} warm-up; loss {:.3} → {:.3}",
-            p.layers,
-            p.grid,
-            p.hidden_dim,
-            p.volunteers,
-            p.batch,
-            p.seq,
-            p.k_best,
+            p.swarm.layers,
+            p.swarm.grid,
+            p.swarm.hidden_dim,
+            p.swarm.volunteers,
+            p.swarm.batch,
+            p.swarm.seq,
+            p.swarm.k_best,
             p.steps as f64 / measured.seconds,
             samples as f64 / measured.seconds,
             median * 1e3,

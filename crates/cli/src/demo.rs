@@ -15,43 +15,18 @@ use clap::Args;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, MoeSettings, maddrs, node, prefix};
+use crate::swarm::{self, MoeSettings, SwarmArgs, maddrs, node, prefix};
 
 /// The demo's training text: eight public-domain plays (provenance in `assets/corpus/README.md`).
 pub(crate) const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Volunteer nodes hosting the experts.
-    #[arg(long, default_value_t = 3)]
-    volunteers: usize,
+    #[command(flatten)]
+    swarm: SwarmArgs,
     /// Training steps.
     #[arg(long, default_value_t = 600)]
     steps: u64,
-    /// The expert grid of each MoE layer, one size per dimension.
-    #[arg(long, num_args = 1.., default_values_t = [4usize, 4])]
-    grid: Vec<usize>,
-    /// The model's width, which is the experts' hidden dim.
-    #[arg(long, default_value_t = 64)]
-    hidden_dim: usize,
-    /// Transformer blocks (one MoE layer each).
-    #[arg(long, default_value_t = 2)]
-    layers: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
-    /// Characters per sequence.
-    #[arg(long, default_value_t = 32)]
-    seq: usize,
-    /// Experts per character and layer.
-    #[arg(long, default_value_t = 4)]
-    k_best: usize,
-    /// The trainer's learning rate (Adam).
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    /// Seeds the model, the experts and the batches.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Kill one volunteer outright after this many steps (default: half of them; 0: never).
     #[arg(long)]
     kill_after: Option<u64>,
@@ -82,10 +57,10 @@ struct Finished {
 }
 
 pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
-    if args.volunteers == 0 || args.steps == 0 || args.layers == 0 {
+    if args.swarm.volunteers == 0 || args.steps == 0 || args.swarm.layers == 0 {
         bail!("--volunteers, --steps and --layers must be positive");
     }
-    if args.grid.is_empty() || args.grid.contains(&0) {
+    if args.swarm.grid.is_empty() || args.swarm.grid.contains(&0) {
         bail!("--grid: every size must be positive");
     }
     let corpus = Corpus::new(CORPUS, 0.1)?;
@@ -96,11 +71,11 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     let boot = maddrs(&boot_p2p).await;
     let mut volunteers = swarm::volunteers(
         &boot,
-        args.volunteers,
-        args.layers,
-        &args.grid,
-        args.hidden_dim,
-        args.seed,
+        args.swarm.volunteers,
+        args.swarm.layers,
+        &args.swarm.grid,
+        args.swarm.hidden_dim,
+        args.swarm.seed,
     )
     .await?;
     let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();
@@ -119,10 +94,10 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
         "Apiary demo: a local swarm of {} volunteers hosting {experts} ffn experts ({} layer(s) × grid {:?}, \
          hidden {}), training a character-level language model on {} characters of Shakespeare.\n\
          bootstrap: {}",
-        args.volunteers,
-        args.layers,
-        args.grid,
-        args.hidden_dim,
+        args.swarm.volunteers,
+        args.swarm.layers,
+        args.swarm.grid,
+        args.swarm.hidden_dim,
         corpus.train.len(),
         boot_strings.join(" ")
     ));
@@ -137,15 +112,15 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
             backward_timeout: Duration::from_secs(10),
         },
     ));
-    let prefixes: Vec<String> = (0..args.layers).map(prefix).collect();
+    let prefixes: Vec<String> = (0..args.swarm.layers).map(prefix).collect();
     let moes = swarm::moe_layers(
         &t_dht,
         transport,
         &prefixes,
-        &args.grid,
-        args.hidden_dim,
+        &args.swarm.grid,
+        args.swarm.hidden_dim,
         MoeSettings {
-            k_best: args.k_best,
+            k_best: args.swarm.k_best,
             k_min: 1,
             backward_k_min: 1,
             forward_timeout: Some(Duration::from_secs(20)),
@@ -154,17 +129,17 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
             allow_zero_outputs: false,
             detect_anomalies: false,
         },
-        args.seed,
+        args.swarm.seed,
     )?;
     let mut lm = LmConfig::new(corpus.vocab.len());
-    lm.d_model = args.hidden_dim;
-    lm.layers = args.layers;
-    lm.context = args.seq.max(1);
+    lm.d_model = args.swarm.hidden_dim;
+    lm.layers = args.swarm.layers;
+    lm.context = args.swarm.seq.max(1);
     let tconfig = TrainerConfig {
-        batch: args.batch,
-        seq: args.seq,
-        lr: args.lr,
-        seed: args.seed,
+        batch: args.swarm.batch,
+        seq: args.swarm.seq,
+        lr: args.swarm.lr,
+        seed: args.swarm.seed,
         ..TrainerConfig::default()
     };
     let trainer = Trainer::new(lm, moes, corpus.clone(), tconfig)?;
@@ -173,7 +148,7 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let steps = args.steps;
     let sample_chars = args.sample_chars;
-    let seed = args.seed;
+    let seed = args.swarm.seed;
     let worker_stop = stop.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let result = train(trainer, steps, sample_chars, seed, &worker_stop, &tx);
@@ -244,9 +219,9 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
 
     let baseline = if args.baseline {
         let mut lm = LmConfig::new(corpus.vocab.len());
-        lm.d_model = args.hidden_dim;
-        lm.layers = args.layers;
-        lm.context = args.seq.max(1);
+        lm.d_model = args.swarm.hidden_dim;
+        lm.layers = args.swarm.layers;
+        lm.context = args.swarm.seq.max(1);
         let mut plain = Trainer::new(lm, Vec::new(), corpus.clone(), tconfig)?;
         let n = done_steps as u64;
         Some(

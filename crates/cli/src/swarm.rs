@@ -18,6 +18,38 @@ use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol};
 use apiary_wire::proto::runtime::CompressionType;
 use serde_json::{Value as Json, json};
 
+/// The demo swarm and model: `apiary demo` and `apiary bench moe` take the same flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SwarmArgs {
+    /// Volunteer nodes hosting the experts.
+    #[arg(long, default_value_t = 3)]
+    pub volunteers: usize,
+    /// The expert grid of each MoE layer, one size per dimension.
+    #[arg(long, num_args = 1.., default_values_t = [4usize, 4])]
+    pub grid: Vec<usize>,
+    /// The model's width, which is the experts' hidden dim.
+    #[arg(long, default_value_t = 64)]
+    pub hidden_dim: usize,
+    /// Transformer blocks (one MoE layer each).
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Characters per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub seq: usize,
+    /// Experts per character and layer.
+    #[arg(long, default_value_t = 4)]
+    pub k_best: usize,
+    /// The trainer's learning rate (Adam).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Seeds the model, the experts and the batches.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
 /// How often volunteers refresh their declarations, and how long one lives.
 pub const UPDATE_PERIOD: Duration = Duration::from_secs(4);
 pub const EXPIRATION: Duration = Duration::from_secs(10);
