@@ -11,6 +11,7 @@ mod bench_moe;
 mod demo;
 mod dht;
 mod json;
+mod keys;
 mod output;
 mod server;
 mod swarm;
@@ -51,6 +52,8 @@ enum Command {
     Server(Box<server::ServerArgs>),
     /// Train a model whose feed-forward layers are mixtures of the swarm's experts.
     Train(Box<train::TrainArgs>),
+    /// Publisher keys that sign experiment manifests.
+    Keys(keys::KeysArgs),
     /// Benchmarks measured the way hivemind's benchmark scripts measure.
     Bench(bench::BenchArgs),
 }
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             Command::Dht(args) => dht::run(*args, &out).await,
             Command::Server(args) => server::run(*args, &out).await,
             Command::Train(args) => train::run(*args, &out).await,
+            Command::Keys(args) => keys::run(args, &out),
             Command::Bench(args) => bench::run(args, &out).await,
         }
     });
