@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use apiary_moe::lm::{Corpus, LmConfig};
-use apiary_moe::trainer::{Trainer, TrainerConfig};
+use apiary_moe::lm::Corpus;
+use apiary_moe::trainer::Trainer;
 use apiary_moe::transport::{
     ExpertAddr, ExpertInfo, ExpertTransport, P2pTransport, TransportConfig, TransportError,
 };
@@ -33,7 +33,7 @@ use futures::future::BoxFuture;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, MoeSettings, SwarmArgs, maddrs, node, prefix};
+use crate::swarm::{self, SwarmArgs, maddrs, node};
 
 /// The demo's training text.
 const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
@@ -159,37 +159,7 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
     } else {
         p2p_transport
     };
-    let prefixes: Vec<String> = (0..p.swarm.layers).map(prefix).collect();
-    let moes = swarm::moe_layers(
-        &t_dht,
-        transport,
-        &prefixes,
-        &p.swarm.grid,
-        p.swarm.hidden_dim,
-        MoeSettings {
-            k_best: p.swarm.k_best,
-            k_min: 1,
-            backward_k_min: 1,
-            forward_timeout: Some(Duration::from_secs(20)),
-            backward_timeout: Some(Duration::from_secs(20)),
-            timeout_after_k_min: Some(Duration::from_secs(2)),
-            allow_zero_outputs: false,
-            detect_anomalies: false,
-        },
-        p.swarm.seed,
-    )?;
-    let mut lm = LmConfig::new(corpus.vocab.len());
-    lm.d_model = p.swarm.hidden_dim;
-    lm.layers = p.swarm.layers;
-    lm.context = p.swarm.seq;
-    let tconfig = TrainerConfig {
-        batch: p.swarm.batch,
-        seq: p.swarm.seq,
-        lr: p.swarm.lr,
-        seed: p.swarm.seed,
-        ..TrainerConfig::default()
-    };
-    let trainer = Trainer::new(lm, moes, corpus, tconfig)?;
+    let trainer = p.swarm.trainer(&t_dht, transport, corpus)?;
 
     let (warmup, steps) = (p.warmup, p.steps);
     let measured = tokio::task::spawn_blocking(move || train(trainer, warmup, steps))

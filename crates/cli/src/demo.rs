@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use apiary_moe::lm::{Corpus, LmConfig, Split};
-use apiary_moe::trainer::{StepReport, Trainer, TrainerConfig};
+use apiary_moe::lm::{Corpus, Split};
+use apiary_moe::trainer::{StepReport, Trainer};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
 use clap::Args;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, MoeSettings, SwarmArgs, maddrs, node, prefix};
+use crate::swarm::{self, SwarmArgs, maddrs, node};
 
 /// The demo's training text: eight public-domain plays (provenance in `assets/corpus/README.md`).
 pub(crate) const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
@@ -112,37 +112,7 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
             backward_timeout: Duration::from_secs(10),
         },
     ));
-    let prefixes: Vec<String> = (0..args.swarm.layers).map(prefix).collect();
-    let moes = swarm::moe_layers(
-        &t_dht,
-        transport,
-        &prefixes,
-        &args.swarm.grid,
-        args.swarm.hidden_dim,
-        MoeSettings {
-            k_best: args.swarm.k_best,
-            k_min: 1,
-            backward_k_min: 1,
-            forward_timeout: Some(Duration::from_secs(20)),
-            backward_timeout: Some(Duration::from_secs(20)),
-            timeout_after_k_min: Some(Duration::from_secs(2)),
-            allow_zero_outputs: false,
-            detect_anomalies: false,
-        },
-        args.swarm.seed,
-    )?;
-    let mut lm = LmConfig::new(corpus.vocab.len());
-    lm.d_model = args.swarm.hidden_dim;
-    lm.layers = args.swarm.layers;
-    lm.context = args.swarm.seq.max(1);
-    let tconfig = TrainerConfig {
-        batch: args.swarm.batch,
-        seq: args.swarm.seq,
-        lr: args.swarm.lr,
-        seed: args.swarm.seed,
-        ..TrainerConfig::default()
-    };
-    let trainer = Trainer::new(lm, moes, corpus.clone(), tconfig)?;
+    let trainer = args.swarm.trainer(&t_dht, transport, corpus.clone())?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
@@ -218,11 +188,12 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     let done_steps = losses.len();
 
     let baseline = if args.baseline {
-        let mut lm = LmConfig::new(corpus.vocab.len());
-        lm.d_model = args.swarm.hidden_dim;
-        lm.layers = args.swarm.layers;
-        lm.context = args.swarm.seq.max(1);
-        let mut plain = Trainer::new(lm, Vec::new(), corpus.clone(), tconfig)?;
+        let mut plain = Trainer::new(
+            args.swarm.lm_config(corpus.vocab.len()),
+            Vec::new(),
+            corpus.clone(),
+            args.swarm.trainer_config(),
+        )?;
         let n = done_steps as u64;
         Some(
             tokio::task::spawn_blocking(move || -> Result<f32> {

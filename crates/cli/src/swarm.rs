@@ -12,7 +12,9 @@ use apiary_expert::schema::ExpertSchema;
 use apiary_expert::server::{Declarer, ExpertServer};
 use apiary_expert::{BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind, RuntimeStats};
 use apiary_moe::beam::{BeamSearchConfig, MoEBeamSearcher};
+use apiary_moe::lm::{Corpus, LmConfig};
 use apiary_moe::moe::{MoeConfig, RemoteMixtureOfExperts};
+use apiary_moe::trainer::{Trainer, TrainerConfig};
 use apiary_moe::transport::ExpertTransport;
 use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol};
 use apiary_wire::proto::runtime::CompressionType;
@@ -48,6 +50,60 @@ pub struct SwarmArgs {
     /// Seeds the model, the experts and the batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+impl SwarmArgs {
+    /// The demo model's shape for a vocabulary of `vocab` characters.
+    pub fn lm_config(&self, vocab: usize) -> LmConfig {
+        let mut lm = LmConfig::new(vocab);
+        lm.d_model = self.hidden_dim;
+        lm.layers = self.layers;
+        lm.context = self.seq.max(1);
+        lm
+    }
+
+    /// The trainer's settings.
+    pub fn trainer_config(&self) -> TrainerConfig {
+        TrainerConfig {
+            batch: self.batch,
+            seq: self.seq,
+            lr: self.lr,
+            seed: self.seed,
+            ..TrainerConfig::default()
+        }
+    }
+
+    /// The demo model over this swarm: one MoE layer per block (uid prefixes [`prefix`]), routing through
+    /// `dht` and calling over `transport`.
+    pub fn trainer(
+        &self,
+        dht: &DhtHandle,
+        transport: Arc<dyn ExpertTransport>,
+        corpus: Corpus,
+    ) -> Result<Trainer> {
+        let prefixes: Vec<String> = (0..self.layers).map(prefix).collect();
+        let settings = MoeSettings {
+            k_best: self.k_best,
+            k_min: 1,
+            backward_k_min: 1,
+            forward_timeout: Some(Duration::from_secs(20)),
+            backward_timeout: Some(Duration::from_secs(20)),
+            timeout_after_k_min: Some(Duration::from_secs(2)),
+            allow_zero_outputs: false,
+            detect_anomalies: false,
+        };
+        let moes = moe_layers(
+            dht,
+            transport,
+            &prefixes,
+            &self.grid,
+            self.hidden_dim,
+            settings,
+            self.seed,
+        )?;
+        let lm = self.lm_config(corpus.vocab.len());
+        Ok(Trainer::new(lm, moes, corpus, self.trainer_config())?)
+    }
 }
 
 /// How often volunteers refresh their declarations, and how long one lives.
