@@ -11,9 +11,22 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod browse;
+pub mod bundled;
+pub mod fit;
+pub mod hosting;
 pub mod manifest;
+pub mod plan;
+pub mod records;
+pub mod swarm;
 
+pub use browse::{Card, Source, cards};
+pub use fit::{Fit, FitLevel, GpuProfile, MachineProfile, Mode, Placement, expert_memory_mb, fit};
+pub use hosting::{Change, Hosting, HostingConfig, JoinError};
 pub use manifest::{
     ExpertSpec, Manifest, ManifestSignature, OptimizerSpec, Publisher, Rejection, Requirements, ScheduleSpec,
     SignedManifest, Status,
 };
+pub use plan::{Coverage, JoinPlan, Need, NeedLevel, PlanError, need, plan, tie_break_of};
+pub use records::{StatusRecord, fingerprint};
+pub use swarm::{DhtCatalog, Listing, Publication, PublishError, RosterEntry};

@@ -59,6 +59,8 @@ const MAX_PUBLIC_KEY: usize = 4096;
 const MAX_UID_PREFIX: usize = 64;
 const MAX_MULTIADDR: usize = 512;
 const MAX_SIGNATURE: usize = 2048;
+/// How far in the future a manifest's `created` may lie (clocks disagree), seconds: one day.
+const MAX_CLOCK_SKEW: u64 = 86_400;
 /// How much of an offending value an error message repeats.
 const MAX_ECHO: usize = 64;
 
@@ -104,6 +106,12 @@ pub enum Rejection {
     UnknownExpertKind {
         /// The kind the manifest names (cut to 64 characters).
         name: String,
+    },
+    /// A dtype the zoo does not train in (only `float32` for now).
+    #[error("unsupported expert dtype `{dtype}` (this client trains float32 experts)")]
+    UnsupportedDtype {
+        /// The dtype the manifest names (cut to 64 characters).
+        dtype: String,
     },
     /// Bad dimensions: hidden size, batch size or grid.
     #[error("invalid dimensions: {reason}")]
@@ -376,6 +384,18 @@ pub struct ExpertSpec {
     /// Clip the global gradient norm to this value (finite, `> 0`) before each step; unset = no clipping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// The dtype of the experts' weights and of the tensors on the wire; default and, for now, only
+    /// `float32` (the zoo trains in f32; a manifest naming another dtype is refused, not converted).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Seeds every expert's initial weights together with its uid, so that all replicas of a uid start
+    /// from the same weights whoever hosts them; default 0.
+    #[serde(default)]
+    pub init_seed: u64,
+}
+
+fn default_dtype() -> String {
+    "float32".into()
 }
 
 impl ExpertSpec {
@@ -413,6 +433,11 @@ impl ExpertSpec {
 
     fn validate(&self) -> Result<(), Rejection> {
         self.expert_config()?;
+        if self.dtype != "float32" {
+            return Err(Rejection::UnsupportedDtype {
+                dtype: cut(&self.dtype),
+            });
+        }
         self.optimizer.to_config()?;
         self.schedule.to_config()?;
         if let Some(c) = self.clip_grad_norm
@@ -683,8 +708,8 @@ impl SignedManifest {
 
     /// Everything a volunteer's node checks before showing or joining an experiment, at `now` (unix
     /// seconds): the schema version and fields ([`Manifest::validate`]), the publisher's key, that the
-    /// signature is there, made by the publisher's key and matches the manifest, and that the manifest has
-    /// not expired (`now >= expires` is expired).
+    /// signature is there, made by the publisher's key and matches the manifest, that the manifest has
+    /// not expired (`now >= expires` is expired) and was not created more than a day after `now`.
     pub fn verify(&self, now: u64) -> Result<&Manifest, Rejection> {
         let manifest = &self.manifest;
         manifest.validate()?;
@@ -709,6 +734,14 @@ impl SignedManifest {
             return Err(Rejection::Expired {
                 expires: manifest.expires,
                 now,
+            });
+        }
+        if manifest.created > now.saturating_add(MAX_CLOCK_SKEW) {
+            return Err(Rejection::InvalidTimes {
+                reason: format!(
+                    "created ({}) lies more than a day after this computer's clock ({now})",
+                    manifest.created
+                ),
             });
         }
         Ok(manifest)

@@ -129,15 +129,8 @@ pub async fn run(p: MoeBench, out: &Output) -> Result<()> {
     // the swarm, as the demo builds it
     let (boot_p2p, boot_dht) = node(&[], false).await?;
     let boot = maddrs(&boot_p2p).await;
-    let mut volunteers = swarm::volunteers(
-        &boot,
-        p.swarm.volunteers,
-        p.swarm.layers,
-        &p.swarm.grid,
-        p.swarm.hidden_dim,
-        p.swarm.seed,
-    )
-    .await?;
+    let (_key, experiment) = p.swarm.experiment()?;
+    let mut volunteers = swarm::volunteers(&boot, p.swarm.volunteers, &experiment.manifest).await?;
     let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();
     tracing::info!(volunteers = p.swarm.volunteers, experts, "swarm up");
 

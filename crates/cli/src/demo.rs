@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use apiary_catalog::swarm::{rosters, validator};
+use apiary_catalog::{Coverage, Manifest, Publication, StatusRecord};
+use apiary_dht::DhtHandle;
 use apiary_moe::lm::{Corpus, Split};
 use apiary_moe::trainer::{StepReport, Trainer};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
@@ -15,7 +18,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, SwarmArgs, maddrs, node};
+use crate::swarm::{self, SwarmArgs, maddrs, node, node_with};
 
 /// The demo's training text: eight public-domain plays (provenance in `assets/corpus/README.md`).
 pub(crate) const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
@@ -66,18 +69,12 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     let corpus = Corpus::new(CORPUS, 0.1)?;
     let t0 = Instant::now();
 
-    // the swarm
+    // the experiment and the swarm
+    let (key, experiment) = args.swarm.experiment()?;
+    let manifest = experiment.manifest.clone();
     let (boot_p2p, boot_dht) = node(&[], false).await?;
     let boot = maddrs(&boot_p2p).await;
-    let mut volunteers = swarm::volunteers(
-        &boot,
-        args.swarm.volunteers,
-        args.swarm.layers,
-        &args.swarm.grid,
-        args.swarm.hidden_dim,
-        args.swarm.seed,
-    )
-    .await?;
+    let mut volunteers = swarm::volunteers(&boot, args.swarm.volunteers, &manifest).await?;
     let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();
     let boot_strings: Vec<String> = boot.iter().map(ToString::to_string).collect();
     out.ready(
@@ -102,8 +99,39 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
         boot_strings.join(" ")
     ));
 
-    // the trainer
-    let (t_p2p, t_dht) = node(&boot, true).await?;
+    // the trainer, which also publishes the experiment and its status (signed with the demo's key)
+    let (t_p2p, t_dht) = node_with(&boot, true, validator(Some(key))?).await?;
+    let publication = Arc::new(
+        Publication::start(
+            t_dht.clone(),
+            &experiment,
+            swarm::unix_now(),
+            swarm::UPDATE_PERIOD,
+            swarm::EXPIRATION,
+        )
+        .await
+        .context("publishing the demo experiment")?,
+    );
+    out.say(&format!(
+        "published experiment `{}` (publisher key {}); from another terminal:\n  \
+         apiary experiments list --initial-peers {}",
+        manifest.id,
+        apiary_catalog::fingerprint(&manifest.publisher_key()?),
+        boot_strings.first().map_or("", String::as_str),
+    ));
+    out.event(json!({
+        "event": "published",
+        "experiment": manifest.id,
+        "fingerprint": apiary_catalog::fingerprint(&manifest.publisher_key()?),
+        "bootstrap": boot_strings,
+    }));
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(Progress::default());
+    let status_task = tokio::spawn(publish_status(
+        publication.clone(),
+        t_dht.clone(),
+        manifest.clone(),
+        progress_rx,
+    ));
     let transport = Arc::new(P2pTransport::new(
         t_p2p.clone(),
         TransportConfig {
@@ -150,6 +178,11 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
                 busy += r.seconds;
                 let rate = tokens as f64 / busy.max(1e-9);
                 bar.set_position(r.step);
+                let _ = progress_tx.send(Progress {
+                    step: r.step,
+                    loss: Some(f64::from(r.loss)),
+                    samples_per_s: rate,
+                });
                 bar.set_message(format!("loss {:.3} · {rate:.0} chars/s", r.loss));
                 out.event(json!({
                     "event": "step", "step": r.step, "loss": r.loss, "seconds": r.seconds,
@@ -289,6 +322,11 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
         ));
         signal.await;
     }
+    status_task.abort();
+    let _ = status_task.await;
+    if let Ok(publication) = Arc::try_unwrap(publication) {
+        publication.withdraw().await;
+    }
     for v in &mut volunteers {
         v.stop().await;
     }
@@ -297,6 +335,43 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     boot_dht.shutdown().await;
     boot_p2p.shutdown().await;
     Ok(())
+}
+
+/// The trainer's latest numbers, for the status record.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    step: u64,
+    loss: Option<f64>,
+    samples_per_s: f64,
+}
+
+/// Publishes the trainer's status beside the experiment every period: its progress, and the volunteers
+/// and covered experts the roster shows.
+async fn publish_status(
+    publication: Arc<Publication>,
+    dht: DhtHandle,
+    manifest: Manifest,
+    progress: tokio::sync::watch::Receiver<Progress>,
+) {
+    let grid = manifest.expert_uids();
+    loop {
+        let roster = rosters(&dht, &manifest).await.unwrap_or_default();
+        let coverage = Coverage::from_rosters(&manifest, roster);
+        let p = progress.borrow().clone();
+        let record = StatusRecord {
+            experiment: manifest.id.clone(),
+            volunteers: coverage.volunteers() as u32,
+            experts_covered: grid.iter().filter(|u| coverage.replicas(u) > 0).count() as u32,
+            grid_experts: grid.len() as u32,
+            samples_per_s: p.samples_per_s,
+            loss: p.loss,
+            step: p.step,
+            updated_at: apiary_dht::get_dht_time(),
+        };
+        let stored = publication.set_status(&record).await;
+        tracing::debug!(stored, step = p.step, "status published");
+        tokio::time::sleep(swarm::UPDATE_PERIOD / 2).await;
+    }
 }
 
 /// The trainer thread: the starting losses, `steps` steps (each reported), the final losses and a sample.

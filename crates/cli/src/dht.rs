@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use apiary_dht::validation::CompositeValidator;
 use apiary_dht::{Dht, DhtConfig, DhtHandle, Found};
 use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol, RelayLimits};
 use apiary_wire::msgpack::Value;
@@ -59,7 +60,7 @@ pub(crate) struct NodeArgs {
     announce_maddrs: Vec<Multiaddr>,
     /// Full multiaddrs (with /p2p/<peer id>) of peers to bootstrap from.
     #[arg(long, num_args = 1..)]
-    initial_peers: Vec<Multiaddr>,
+    pub(crate) initial_peers: Vec<Multiaddr>,
     /// The node's private key in libp2p's protobuf format (hivemind's identity files too); created when
     /// missing.
     #[arg(long)]
@@ -131,6 +132,15 @@ async fn serve(node: NodeArgs, out: &Output) -> Result<()> {
 }
 
 pub(crate) async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
+    start_with_validator(node, client_mode, CompositeValidator::default()).await
+}
+
+/// [`start`] with record validators (the catalog's RSA owner validator).
+pub(crate) async fn start_with_validator(
+    node: &NodeArgs,
+    client_mode: bool,
+    validator: CompositeValidator,
+) -> Result<(P2pHandle, DhtHandle)> {
     let keypair = match &node.identity_path {
         Some(path) if path.exists() => Some(
             apiary_p2p::identity::load(path).with_context(|| format!("identity file {}", path.display()))?,
@@ -169,7 +179,7 @@ pub(crate) async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHand
     }
     let mut config = DhtConfig::default();
     config.client_mode = client_mode;
-    let dht = Dht::spawn(p2p.clone(), config, node.initial_peers.clone())
+    let dht = Dht::spawn_with_validator(p2p.clone(), config, node.initial_peers.clone(), validator)
         .await
         .context("could not join the DHT")?;
     Ok((p2p, dht))

@@ -10,8 +10,10 @@ mod bench;
 mod bench_moe;
 mod demo;
 mod dht;
+mod experiments;
 mod json;
 mod keys;
+mod machine;
 mod output;
 mod server;
 mod swarm;
@@ -52,6 +54,10 @@ enum Command {
     Server(Box<server::ServerArgs>),
     /// Train a model whose feed-forward layers are mixtures of the swarm's experts.
     Train(Box<train::TrainArgs>),
+    /// Browse, join and leave experiments.
+    Experiments(experiments::ExperimentsArgs),
+    /// Sign an experiment's manifest and keep it in the DHT's catalog until interrupted.
+    Publish(Box<experiments::PublishArgs>),
     /// Publisher keys that sign experiment manifests.
     Keys(keys::KeysArgs),
     /// Benchmarks measured the way hivemind's benchmark scripts measure.
@@ -73,6 +79,8 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(*args, &out).await,
             Command::Dht(args) => dht::run(*args, &out).await,
             Command::Server(args) => server::run(*args, &out).await,
+            Command::Experiments(args) => experiments::run(args, &out).await,
+            Command::Publish(args) => experiments::publish(*args, &out).await,
             Command::Train(args) => train::run(*args, &out).await,
             Command::Keys(args) => keys::run(args, &out),
             Command::Bench(args) => bench::run(args, &out).await,

@@ -1,18 +1,16 @@
 //! `apiary server`: hosts experts that real hivemind trainers call (like `hivemind-server`).
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use apiary_dht::DhtHandle;
+use apiary_expert::checkpoints::{load_or_init, save_all};
 use apiary_expert::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use apiary_expert::schema::ExpertSchema;
 use apiary_expert::server::{Declarer, ExpertServer};
-use apiary_expert::{
-    BackendConfig, CHECKPOINT_FILE, Expert, ExpertBackend, ExpertConfig, ExpertKind, OptimizerConfig,
-    ScheduleConfig,
-};
+use apiary_expert::{BackendConfig, ExpertConfig, ExpertKind, OptimizerConfig, ScheduleConfig};
 use apiary_wire::msgpack::Value;
 use apiary_wire::proto::runtime::CompressionType;
 use candle_core::Device;
@@ -107,7 +105,7 @@ pub async fn run(args: ServerArgs, out: &Output) -> Result<()> {
         let config = ExpertConfig::new(kind, args.hidden_dim);
         backends.push((
             uid.clone(),
-            load_or_init(config, backend, uid, args.checkpoint_dir.as_deref())?
+            load_or_init(config, backend, uid, args.checkpoint_dir.as_deref(), seed())?
                 .to_device(&device)
                 .with_context(|| format!("moving {uid} to {}", args.device))?,
         ));
@@ -390,51 +388,10 @@ fn parse_device(name: &str) -> Result<Device> {
     Device::new_cuda(ordinal).with_context(|| format!("--device {name}: opening the GPU"))
 }
 
-/// The expert's last checkpoint (weights and optimizer state), or a fresh expert; a corrupted checkpoint
-/// is reported and skipped.
-fn load_or_init(
-    config: ExpertConfig,
-    backend: BackendConfig,
-    uid: &str,
-    dir: Option<&Path>,
-) -> Result<ExpertBackend> {
-    if let Some(dir) = dir {
-        let dir = dir.join(uid);
-        if dir.join(CHECKPOINT_FILE).exists() {
-            match ExpertBackend::load_checkpoint(config, backend, &dir) {
-                Ok((loaded, None)) => {
-                    tracing::info!(%uid, steps = loaded.steps(), "loaded checkpoint");
-                    return Ok(loaded);
-                }
-                Ok((loaded, Some(why))) => {
-                    tracing::warn!(%uid, "loaded the weights; the optimizer starts afresh: {why}");
-                    return Ok(loaded);
-                }
-                Err(e) => tracing::warn!(%uid, dir = %dir.display(), "skipping a bad checkpoint: {e}"),
-            }
-        }
-    }
-    Ok(ExpertBackend::new(Expert::new(config, seed())?, backend)?)
-}
-
-/// Saves every expert (weights and optimizer state, each written atomically), between compute batches.
-async fn save_all(runtime: &RuntimeHandle, uids: &[String], dir: &Path) {
-    for uid in uids {
-        let path = dir.join(uid);
-        let result = runtime
-            .with_backend(uid, move |backend| backend.save_checkpoint(&path))
-            .await;
-        match result {
-            Ok(Ok(())) => tracing::debug!(%uid, "checkpoint saved"),
-            Ok(Err(e)) => tracing::warn!(%uid, "checkpoint not saved: {e}"),
-            Err(e) => tracing::warn!(%uid, "checkpoint not saved: {e}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apiary_expert::{CHECKPOINT_FILE, Expert};
 
     #[test]
     fn checkpoints_load_and_a_corrupted_one_is_skipped() {
@@ -444,7 +401,7 @@ mod tests {
         let path = dir.path().join("ffn.0.0").join(CHECKPOINT_FILE);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         saved.save(&path).unwrap();
-        let loaded = load_or_init(config, BackendConfig::default(), "ffn.0.0", Some(dir.path())).unwrap();
+        let loaded = load_or_init(config, BackendConfig::default(), "ffn.0.0", Some(dir.path()), 1).unwrap();
         let loaded = loaded.expert();
         let weights = |e: &Expert| -> Vec<Vec<f32>> {
             e.state_dict()
@@ -454,7 +411,7 @@ mod tests {
         };
         assert_eq!(weights(loaded), weights(&saved));
         std::fs::write(&path, b"not safetensors").unwrap();
-        let fresh = load_or_init(config, BackendConfig::default(), "ffn.0.0", Some(dir.path())).unwrap();
+        let fresh = load_or_init(config, BackendConfig::default(), "ffn.0.0", Some(dir.path()), 1).unwrap();
         assert_ne!(weights(fresh.expert()), weights(&saved));
     }
 

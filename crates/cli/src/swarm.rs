@@ -1,23 +1,22 @@
 //! A swarm on this machine: volunteers hosting expert grids, the nodes they run on, and a trainer's MoE
 //! layers over them — shared by `apiary demo`, `apiary train` and `apiary bench moe`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use apiary_catalog::{Hosting, HostingConfig, Manifest, SignedManifest};
+use apiary_dht::validation::CompositeValidator;
 use apiary_dht::{Dht, DhtConfig, DhtHandle};
-use apiary_expert::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
-use apiary_expert::schema::ExpertSchema;
-use apiary_expert::server::{Declarer, ExpertServer};
-use apiary_expert::{BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind, RuntimeStats};
+use apiary_expert::RuntimeStats;
+use apiary_expert::server::ExpertServer;
 use apiary_moe::beam::{BeamSearchConfig, MoEBeamSearcher};
 use apiary_moe::lm::{Corpus, LmConfig};
 use apiary_moe::moe::{MoeConfig, RemoteMixtureOfExperts};
 use apiary_moe::trainer::{Trainer, TrainerConfig};
 use apiary_moe::transport::ExpertTransport;
 use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol};
-use apiary_wire::proto::runtime::CompressionType;
+use apiary_wire::signature::RsaPrivateKey;
 use serde_json::{Value as Json, json};
 
 /// The demo swarm and model: `apiary demo` and `apiary bench moe` take the same flags.
@@ -60,6 +59,22 @@ impl SwarmArgs {
         lm.layers = self.layers;
         lm.context = self.seq.max(1);
         lm
+    }
+
+    /// The demo experiment of this swarm, signed with a key made for this run.
+    pub fn experiment(&self) -> Result<(RsaPrivateKey, SignedManifest)> {
+        let key = RsaPrivateKey::generate().context("making the demo's publisher key")?;
+        let manifest = apiary_catalog::bundled::local_demo(
+            &key.public_key(),
+            unix_now(),
+            self.layers,
+            &self.grid,
+            self.hidden_dim,
+        )?;
+        let mut manifest = manifest;
+        manifest.expert.init_seed = self.seed;
+        let signed = SignedManifest::sign(manifest, &key)?;
+        Ok((key, signed))
     }
 
     /// The trainer's settings.
@@ -106,81 +121,80 @@ impl SwarmArgs {
     }
 }
 
+/// The time now, unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// How often volunteers refresh their declarations, and how long one lives.
 pub const UPDATE_PERIOD: Duration = Duration::from_secs(4);
 pub const EXPIRATION: Duration = Duration::from_secs(10);
 
-/// One volunteer: a node of the swarm hosting some experts.
+/// One volunteer: a node of the swarm hosting some experts of the demo experiment.
 pub struct Volunteer {
     pub name: String,
     pub p2p: P2pHandle,
     dht: DhtHandle,
-    runtime: RuntimeHandle,
-    declarer: Option<Declarer>,
+    hosting: Option<Hosting>,
     pub uids: Vec<String>,
-    /// The last statistics, kept when the volunteer is killed.
-    stats: Option<RuntimeStats>,
+    /// The last statistics, kept when the volunteer is gone.
+    stats: RuntimeStats,
 }
 
 impl Volunteer {
+    /// A node bootstrapped from `bootstrap` that joins `manifest`'s experiment hosting `uids`.
     pub async fn start(
         name: String,
         bootstrap: &[Multiaddr],
+        manifest: &Manifest,
         uids: Vec<String>,
-        hidden: usize,
-        seed: u64,
     ) -> Result<Self> {
         let (p2p, dht) = node(bootstrap, false).await?;
-        let mut backends = Vec::new();
-        let mut schemas = HashMap::new();
-        for (i, uid) in uids.iter().enumerate() {
-            let config = ExpertConfig::new(ExpertKind::Ffn, hidden);
-            let expert = Expert::new(config, seed.wrapping_mul(1000).wrapping_add(i as u64))?;
-            backends.push((uid.clone(), ExpertBackend::new(expert, BackendConfig::default())?));
-            schemas.insert(
-                uid.clone(),
-                ExpertSchema::server_create(ExpertKind::Ffn, hidden, CompressionType::None, 4096),
-            );
-        }
-        let runtime = Runtime::spawn(backends, RuntimeConfig::default())?;
-        ExpertServer::new(runtime.clone(), schemas)
-            .register(&p2p)
-            .context("registering the expert RPCs")?;
-        let (declarer, _) = Declarer::start(dht.clone(), uids.clone(), UPDATE_PERIOD, EXPIRATION).await;
+        let server = ExpertServer::empty();
+        server.register(&p2p).context("registering the expert RPCs")?;
+        let config = HostingConfig {
+            update_period: UPDATE_PERIOD,
+            expiration: EXPIRATION,
+            ..HostingConfig::default()
+        };
+        let hosting = Hosting::start(&dht, &server, manifest, uids.clone(), &config).await?;
         Ok(Self {
             name,
             p2p,
             dht,
-            runtime,
-            declarer: Some(declarer),
+            stats: hosting.stats(),
+            hosting: Some(hosting),
             uids,
-            stats: None,
         })
     }
 
     pub fn alive(&self) -> bool {
-        self.declarer.is_some()
+        self.hosting.is_some()
     }
 
     pub fn stats(&self) -> RuntimeStats {
-        self.stats.clone().unwrap_or_else(|| self.runtime.stats())
+        match &self.hosting {
+            Some(h) => h.stats(),
+            None => self.stats.clone(),
+        }
     }
 
-    /// Gone without a goodbye: declarations are neither refreshed nor withdrawn, connections drop.
+    /// Gone without a goodbye: declarations and roster entry are neither refreshed nor withdrawn,
+    /// connections drop.
     pub async fn kill(&mut self) {
-        self.stats = Some(self.runtime.stats());
-        drop(self.declarer.take()); // stops refreshing; the records stay until they expire
-        self.p2p.shutdown().await;
-        self.runtime.shutdown().await;
-        self.dht.shutdown().await;
+        if let Some(hosting) = self.hosting.take() {
+            self.p2p.shutdown().await;
+            self.stats = hosting.abandon().await;
+            self.dht.shutdown().await;
+        }
     }
 
-    /// A clean exit: declarations withdrawn first.
+    /// A clean exit: the experiment is left (declarations and roster entry withdrawn) first.
     pub async fn stop(&mut self) {
-        if let Some(declarer) = self.declarer.take() {
-            self.stats = Some(self.runtime.stats());
-            declarer.withdraw().await;
-            self.runtime.shutdown().await;
+        if let Some(hosting) = self.hosting.take() {
+            self.stats = hosting.leave().await;
             self.dht.shutdown().await;
             self.p2p.shutdown().await;
         }
@@ -189,6 +203,15 @@ impl Volunteer {
 
 /// A P2P host on loopback and a DHT node bootstrapped from `bootstrap`.
 pub async fn node(bootstrap: &[Multiaddr], client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
+    node_with(bootstrap, client_mode, CompositeValidator::default()).await
+}
+
+/// [`node`] with record validators (e.g. [`apiary_catalog::swarm::validator`]).
+pub async fn node_with(
+    bootstrap: &[Multiaddr],
+    client_mode: bool,
+    validator: CompositeValidator,
+) -> Result<(P2pHandle, DhtHandle)> {
     let config = P2pConfig {
         listen_addrs: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         ..P2pConfig::default()
@@ -196,7 +219,7 @@ pub async fn node(bootstrap: &[Multiaddr], client_mode: bool) -> Result<(P2pHand
     let (p2p, _task) = Host::spawn(config).context("could not start a libp2p host")?;
     let mut dht_config = DhtConfig::default();
     dht_config.client_mode = client_mode;
-    let dht = Dht::spawn(p2p.clone(), dht_config, bootstrap.to_vec())
+    let dht = Dht::spawn_with_validator(p2p.clone(), dht_config, bootstrap.to_vec(), validator)
         .await
         .context("could not join the DHT")?;
     Ok((p2p, dht))
@@ -243,8 +266,9 @@ pub fn uid(layer: usize, coords: &[usize]) -> String {
     format!("{}{}", prefix(layer), c.join("."))
 }
 
+/// Layer `layer`'s uid prefix in the demo experiment (whose grid's first coordinate is the layer).
 pub fn prefix(layer: usize) -> String {
-    format!("ffn_l{layer}.")
+    format!("ffn_demo.{layer}.")
 }
 
 impl Volunteer {
@@ -265,20 +289,14 @@ impl Volunteer {
     }
 }
 
-/// Starts `count` volunteers bootstrapped from `boot`, hosting every expert of `layers` grids of `grid`
-/// (uid prefixes [`prefix`]) spread by [`host_of`].
-pub async fn volunteers(
-    boot: &[Multiaddr],
-    count: usize,
-    layers: usize,
-    grid: &[usize],
-    hidden: usize,
-    seed: u64,
-) -> Result<Vec<Volunteer>> {
+/// Starts `count` volunteers bootstrapped from `boot`, together hosting every expert of the demo
+/// experiment `manifest` (grid `[layers, …grid]`), spread by [`host_of`].
+pub async fn volunteers(boot: &[Multiaddr], count: usize, manifest: &Manifest) -> Result<Vec<Volunteer>> {
+    let (layers, grid) = manifest.grid.split_first().context("the demo grid is empty")?;
     let coords = grid_coords(grid);
     let mut all = Vec::with_capacity(count);
     for v in 0..count {
-        let uids: Vec<String> = (0..layers)
+        let uids: Vec<String> = (0..*layers)
             .flat_map(|l| {
                 coords
                     .iter()
@@ -288,7 +306,7 @@ pub async fn volunteers(
             .collect();
         let name = format!("volunteer {}", v + 1);
         all.push(
-            Volunteer::start(name, boot, uids, hidden, seed ^ (v as u64 + 1))
+            Volunteer::start(name, boot, manifest, uids)
                 .await
                 .with_context(|| format!("starting volunteer {}", v + 1))?,
         );
@@ -359,6 +377,12 @@ mod tests {
             }
         }
         assert_eq!(grid_coords(&[2, 3]).len(), 6);
-        assert_eq!(uid(1, &[2, 3]), "ffn_l1.2.3");
+        assert_eq!(uid(1, &[2, 3]), "ffn_demo.1.2.3");
+        let key = apiary_wire::signature::RsaPrivateKey::generate()
+            .unwrap()
+            .public_key();
+        let m = apiary_catalog::bundled::local_demo(&key, 1_800_000_000, 2, &[4, 4], 64).unwrap();
+        assert_eq!(apiary_catalog::bundled::layer_prefix(&m, 1), prefix(1));
+        assert!(m.expert_uids().contains(&uid(1, &[3, 3])));
     }
 }

@@ -10,6 +10,8 @@
 //!   function of (sender, request, now), and client-side request builders and response readers.
 //! - [`traverse`]: hivemind's multi-query beam search `traverse_dht`, generic over how neighbours
 //!   are fetched.
+//! - [`refresh`]: [`Refresher`] keeps records alive (store every `period` with `now + ttl`) and withdraws
+//!   them so that readers see them gone at once.
 //! - [`node`]: hivemind's `DHTNode` over an Apiary p2p host: [`Dht::spawn`] serves `DHTProtocol`,
 //!   bootstraps, and returns a cloneable [`DhtHandle`] (`store`/`store_many`/`get`/`get_many`); one task
 //!   owns the [`protocol::ProtocolState`] and the blacklist, outgoing RPCs go through [`DhtRpc`].
@@ -19,6 +21,7 @@
 
 pub mod node;
 pub mod protocol;
+pub mod refresh;
 pub mod routing;
 pub mod storage;
 pub mod traverse;
@@ -27,6 +30,7 @@ pub mod validation;
 mod config;
 pub use config::DhtConfig;
 pub use node::{Dht, DhtError, DhtHandle, DhtRpc, Found, P2pRpc, StoreEntry, get_dht_time};
+pub use refresh::{KeptRecord, Refresher};
 
 pub use apiary_wire::dhtid::DhtId;
 pub use libp2p_identity::PeerId;

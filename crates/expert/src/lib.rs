@@ -44,6 +44,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod backend;
+pub mod checkpoints;
 mod config;
 mod error;
 mod ffn;

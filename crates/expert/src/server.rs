@@ -14,10 +14,10 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use apiary_dht::{DhtHandle, StoreEntry, get_dht_time};
+use apiary_dht::{DhtHandle, KeptRecord, Refresher, StoreEntry};
 use apiary_p2p::{InvalidName, P2pHandle, StreamHandler, UnaryHandler};
 use apiary_wire::msgpack::Value;
 use apiary_wire::proto::runtime::{CompressionType, ExpertInfo, ExpertRequest, ExpertResponse, ExpertUid};
@@ -44,12 +44,37 @@ pub const RPC_FORWARD_STREAM: &str = "ConnectionHandler.rpc_forward_stream";
 /// See [`RPC_INFO`].
 pub const RPC_BACKWARD_STREAM: &str = "ConnectionHandler.rpc_backward_stream";
 
-/// Serves experts' RPCs from a [`RuntimeHandle`].
+/// Serves experts' RPCs, each expert from the [`RuntimeHandle`] it was attached with.
+///
+/// The set of hosted experts can change while the server is registered on a p2p host
+/// ([`ExpertServer::attach`], [`ExpertServer::detach`]), so a node can join and leave experiments without
+/// re-registering the handlers (a p2p host takes one `ConnectionHandler`, as hivemind names it).
+///
+/// A request looks its expert up once, when it arrives (a stream: at its first message), and keeps that
+/// expert's runtime and schema until it is answered: a detach stops new requests for the expert at once
+/// while requests already in flight finish on the detached runtime (unless that runtime is shut down).
 #[derive(Debug)]
 pub struct ExpertServer {
+    experts: RwLock<HashMap<String, Arc<Hosted>>>,
+}
+
+/// One hosted expert: the runtime that computes it, its schema, and its encoded `rpc_info` answer.
+#[derive(Debug)]
+struct Hosted {
     runtime: RuntimeHandle,
-    schemas: HashMap<String, ExpertSchema>,
-    infos: HashMap<String, Bytes>,
+    schema: ExpertSchema,
+    info: Bytes,
+}
+
+impl Hosted {
+    fn new(runtime: RuntimeHandle, schema: ExpertSchema) -> Arc<Self> {
+        let info = Bytes::from(schema.rpc_info());
+        Arc::new(Self {
+            runtime,
+            schema,
+            info,
+        })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -59,24 +84,81 @@ enum Pass {
 }
 
 impl ExpertServer {
-    /// A server for the experts of `runtime`, each described by its schema.
+    /// A server for the experts of `runtime`, each described by its schema. (A uid the runtime does not
+    /// serve is accepted here, and its requests get the runtime's unknown-expert error; use
+    /// [`Self::empty`] and [`Self::attach`] to have it refused.)
     pub fn new(runtime: RuntimeHandle, schemas: HashMap<String, ExpertSchema>) -> Arc<Self> {
-        let infos = schemas
-            .iter()
-            .map(|(uid, s)| (uid.clone(), Bytes::from(s.rpc_info())))
+        let experts = schemas
+            .into_iter()
+            .map(|(uid, schema)| (uid, Hosted::new(runtime.clone(), schema)))
             .collect();
         Arc::new(Self {
-            runtime,
-            schemas,
-            infos,
+            experts: RwLock::new(experts),
         })
+    }
+
+    /// A server hosting no experts yet; see [`Self::attach`].
+    pub fn empty() -> Arc<Self> {
+        Arc::new(Self {
+            experts: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Starts hosting the experts of `schemas` (uid → schema), each computed by `runtime`; they are served
+    /// from the next request on.
+    ///
+    /// All or nothing: fails with [`ExpertError::UnknownExpert`] if `runtime` does not serve a uid, or
+    /// [`ExpertError::BadConfig`] ("… is already hosted …") if a uid is hosted already (by any runtime),
+    /// and then hosts none of them.
+    pub fn attach(
+        &self,
+        runtime: RuntimeHandle,
+        schemas: HashMap<String, ExpertSchema>,
+    ) -> Result<(), ExpertError> {
+        let served = runtime.uids();
+        let mut hosted: Vec<(String, Arc<Hosted>)> = schemas
+            .into_iter()
+            .map(|(uid, schema)| (uid, Hosted::new(runtime.clone(), schema)))
+            .collect();
+        hosted.sort_by(|a, b| a.0.cmp(&b.0)); // a deterministic error for several bad uids
+        if let Some((uid, _)) = hosted.iter().find(|(uid, _)| !served.contains(uid)) {
+            return Err(ExpertError::UnknownExpert(uid.clone()));
+        }
+        let mut experts = self.write();
+        if let Some((uid, _)) = hosted.iter().find(|(uid, _)| experts.contains_key(uid)) {
+            return Err(already_hosted(uid));
+        }
+        experts.extend(hosted);
+        Ok(())
+    }
+
+    /// Stops hosting `uids` at once: later requests for them get the unknown-expert error, while requests
+    /// already in flight finish. Returns the uids that were hosted, in the order given; the others are
+    /// ignored. The runtimes are not shut down (the server drops its handles once their last request
+    /// ends).
+    pub fn detach(&self, uids: &[String]) -> Vec<String> {
+        let mut experts = self.write();
+        uids.iter()
+            .filter(|uid| experts.remove(uid.as_str()).is_some())
+            .cloned()
+            .collect()
     }
 
     /// The hosted expert uids, sorted.
     pub fn uids(&self) -> Vec<String> {
-        let mut uids: Vec<String> = self.schemas.keys().cloned().collect();
+        let mut uids: Vec<String> = self.read().keys().cloned().collect();
         uids.sort();
         uids
+    }
+
+    // Nothing that can panic runs while the lock is held (updates follow all checks), so a poisoned lock
+    // still holds a consistent map and is used as it is.
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Arc<Hosted>>> {
+        self.experts.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Arc<Hosted>>> {
+        self.experts.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers the five `ConnectionHandler.rpc_*` handlers on `p2p`.
@@ -129,21 +211,21 @@ impl ExpertServer {
         }
     }
 
-    fn schema(&self, uid: &str) -> Result<&ExpertSchema, String> {
-        self.schemas
+    /// The hosted expert `uid`, or the unknown-expert error text. The lock is released on return, so the
+    /// caller may hold the `Arc` across awaits.
+    fn hosted(&self, uid: &str) -> Result<Arc<Hosted>, String> {
+        self.read()
             .get(uid)
+            .cloned()
             .ok_or_else(|| ExpertError::UnknownExpert(uid.to_owned()).to_string())
     }
 
     fn info(&self, bytes: &[u8]) -> Result<Bytes, String> {
         let request = ExpertUid::decode(bytes).map_err(|e| format!("malformed ExpertUID: {e}"))?;
-        let info = self
-            .infos
-            .get(&request.uid)
-            .ok_or_else(|| ExpertError::UnknownExpert(request.uid.clone()).to_string())?;
+        let hosted = self.hosted(&request.uid)?;
         Ok(Bytes::from(
             ExpertInfo {
-                serialized_info: info.clone(),
+                serialized_info: hosted.info.clone(),
             }
             .encode_to_vec(),
         ))
@@ -151,14 +233,14 @@ impl ExpertServer {
 
     async fn unary(&self, pass: Pass, bytes: Bytes) -> Result<Bytes, String> {
         let request = ExpertRequest::decode(bytes).map_err(|e| format!("malformed ExpertRequest: {e}"))?;
-        let schema = self.schema(&request.uid)?;
-        let limits = limits_for(schema);
+        let hosted = self.hosted(&request.uid)?;
+        let limits = limits_for(&hosted.schema);
         let tensors = request
             .tensors
             .iter()
             .map(|t| tensor::deserialize(t, &limits).map_err(|e| format!("bad tensor: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let outputs = self.compute(pass, &request.uid, schema, tensors).await?;
+        let outputs = compute(pass, &request.uid, &hosted, tensors).await?;
         Ok(Bytes::from(
             ExpertResponse {
                 tensors: outputs,
@@ -173,23 +255,24 @@ impl ExpertServer {
         pass: Pass,
         mut requests: futures::stream::BoxStream<'static, Bytes>,
     ) -> Result<Vec<Bytes>, String> {
-        let mut uid: Option<String> = None;
-        let mut combiner: Option<StreamCombiner> = None;
+        // the expert, looked up at the first message and kept to the end
+        let mut current: Option<(String, Arc<Hosted>, StreamCombiner)> = None;
         let mut tensors = Vec::new();
         while let Some(bytes) = requests.next().await {
             let request =
                 ExpertRequest::decode(bytes).map_err(|e| format!("malformed ExpertRequest: {e}"))?;
-            let schema = match &uid {
+            let (uid, hosted, combiner) = match &mut current {
                 None => {
-                    let schema = self.schema(&request.uid)?;
-                    uid = Some(request.uid.clone());
-                    combiner = Some(StreamCombiner::new(limits_for(schema)));
-                    schema
+                    let hosted = self.hosted(&request.uid)?;
+                    let combiner = StreamCombiner::new(limits_for(&hosted.schema));
+                    current.insert((request.uid.clone(), hosted, combiner))
                 }
-                Some(u) if *u != request.uid => return Err("Expert uids differ in one request".into()),
-                Some(u) => self.schema(u)?,
+                Some(c) => c,
             };
-            let combiner = combiner.as_mut().ok_or("no stream state")?;
+            if *uid != request.uid {
+                return Err("Expert uids differ in one request".into());
+            }
+            let schema = &hosted.schema;
             for part in request.tensors {
                 if let Some(whole) = combiner
                     .push(part)
@@ -205,12 +288,9 @@ impl ExpertServer {
                 }
             }
         }
-        let uid = uid.ok_or("empty request stream")?;
-        if let Some(c) = combiner {
-            c.finish().map_err(|e| format!("bad tensor stream: {e}"))?;
-        }
-        let schema = self.schema(&uid)?;
-        let outputs = self.compute(pass, &uid, schema, tensors).await?;
+        let (uid, hosted, combiner) = current.ok_or("empty request stream")?;
+        combiner.finish().map_err(|e| format!("bad tensor stream: {e}"))?;
+        let outputs = compute(pass, &uid, &hosted, tensors).await?;
         let mut messages = Vec::new();
         let chunk = NonZeroUsize::new(STREAM_CHUNK).ok_or("zero chunk")?;
         for output in &outputs {
@@ -226,62 +306,71 @@ impl ExpertServer {
         }
         Ok(messages)
     }
+}
 
-    async fn compute(
-        &self,
-        pass: Pass,
-        uid: &str,
-        schema: &ExpertSchema,
-        tensors: Vec<WireTensor>,
-    ) -> Result<Vec<apiary_wire::proto::runtime::Tensor>, String> {
-        let text = |e: ExpertError| e.to_string();
-        let (results, specs): (
-            Vec<candle_core::Tensor>,
-            Vec<(apiary_wire::tensor::DType, CompressionType)>,
-        ) = match pass {
-            Pass::Forward => {
-                schema.check_forward(&tensors).map_err(text)?;
-                let inputs = tensors
-                    .iter()
-                    .map(to_candle)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(text)?;
-                let out = self.runtime.forward(uid, inputs).await.map_err(text)?;
-                (out, vec![(schema.output.dtype, schema.output.compression)])
-            }
-            Pass::Backward => {
-                schema.check_backward(&tensors).map_err(text)?;
-                let mut all = tensors
-                    .iter()
-                    .map(to_candle)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(text)?;
-                let grad_outputs = all.split_off(schema.inputs.len());
-                let grads = self
-                    .runtime
-                    .backward(uid, all, grad_outputs)
-                    .await
-                    .map_err(text)?;
-                let specs = schema.inputs.iter().map(|s| (s.dtype, s.compression)).collect();
-                (grads, specs)
-            }
-        };
-        if results.len() != specs.len() {
-            return Err(format!(
-                "the expert returned {} tensors, expected {}",
-                results.len(),
-                specs.len()
-            ));
+/// Checks `tensors` against the expert's schema, computes the pass on its runtime, and serializes the
+/// results as the schema declares.
+async fn compute(
+    pass: Pass,
+    uid: &str,
+    hosted: &Hosted,
+    tensors: Vec<WireTensor>,
+) -> Result<Vec<apiary_wire::proto::runtime::Tensor>, String> {
+    let schema = &hosted.schema;
+    let text = |e: ExpertError| e.to_string();
+    let (results, specs): (
+        Vec<candle_core::Tensor>,
+        Vec<(apiary_wire::tensor::DType, CompressionType)>,
+    ) = match pass {
+        Pass::Forward => {
+            schema.check_forward(&tensors).map_err(text)?;
+            let inputs = tensors
+                .iter()
+                .map(to_candle)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(text)?;
+            let out = hosted.runtime.forward(uid, inputs).await.map_err(text)?;
+            (out, vec![(schema.output.dtype, schema.output.compression)])
         }
-        results
-            .iter()
-            .zip(specs)
-            .map(|(t, (dtype, compression))| {
-                let wire = from_candle(t, dtype).map_err(text)?;
-                tensor::serialize(&wire, compression).map_err(|e| e.to_string())
-            })
-            .collect()
+        Pass::Backward => {
+            schema.check_backward(&tensors).map_err(text)?;
+            let mut all = tensors
+                .iter()
+                .map(to_candle)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(text)?;
+            let grad_outputs = all.split_off(schema.inputs.len());
+            let grads = hosted
+                .runtime
+                .backward(uid, all, grad_outputs)
+                .await
+                .map_err(text)?;
+            let specs = schema.inputs.iter().map(|s| (s.dtype, s.compression)).collect();
+            (grads, specs)
+        }
+    };
+    if results.len() != specs.len() {
+        return Err(format!(
+            "the expert returned {} tensors, expected {}",
+            results.len(),
+            specs.len()
+        ));
     }
+    results
+        .iter()
+        .zip(specs)
+        .map(|(t, (dtype, compression))| {
+            let wire = from_candle(t, dtype).map_err(text)?;
+            tensor::serialize(&wire, compression).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// The refusal of [`ExpertServer::attach`] for a uid that is hosted already.
+fn already_hosted(uid: &str) -> ExpertError {
+    ExpertError::BadConfig(format!(
+        "expert {uid:?} is already hosted by this expert server; detach it first"
+    ))
 }
 
 /// Decoding limits for one request tensor of `schema`: its largest tensor at the largest batch.
@@ -354,67 +443,11 @@ fn split_uid(uid_or_prefix: &str) -> Option<(String, i64)> {
 /// `expiration = now + expiration`; [`Declarer::pause`] withdraws the declarations until
 /// [`Declarer::resume`], [`Declarer::withdraw`] for good.
 ///
-/// A withdrawal overwrites every record with an empty value that outlives the last declaration: DHT nodes
-/// refuse a store whose expiration is earlier than the one they hold, so "expire it now" has to be a newer
-/// record. Trainers that read the DHT after it stop routing here at once.
+/// A withdrawal overwrites every record with an empty value that outlives the last declaration (see
+/// [`Refresher`]): trainers that read the DHT after it stop routing here at once.
 #[derive(Debug)]
 pub struct Declarer {
-    shared: Arc<DeclarerShared>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Debug)]
-struct DeclarerShared {
-    dht: DhtHandle,
-    uids: Vec<String>,
-    peer: String,
-    expiration: Duration,
-    /// Serializes declaring and withdrawing, so a late re-declaration never lands after a withdrawal.
-    state: tokio::sync::Mutex<DeclareState>,
-}
-
-#[derive(Debug, Default)]
-struct DeclareState {
-    /// The expiration of the newest record written (declaration or withdrawal).
-    until: f64,
-    withdrawn: bool,
-}
-
-impl DeclarerShared {
-    /// Declares now (unless withdrawn); returns how many records were stored.
-    async fn declare(&self, force: bool) -> usize {
-        let mut state = self.state.lock().await;
-        if state.withdrawn && !force {
-            return 0;
-        }
-        // never below a withdrawal's expiration, or nodes would refuse the new declaration
-        let exp = (get_dht_time() + self.expiration.as_secs_f64()).max(state.until + 1.0);
-        let entries = declarations(&self.uids, &self.peer, exp);
-        let ok = self.dht.store_many(entries, false).await.unwrap_or_default();
-        state.until = exp;
-        state.withdrawn = false;
-        ok.iter().filter(|o| **o).count()
-    }
-
-    async fn withdraw(&self) {
-        let mut state = self.state.lock().await;
-        if state.withdrawn {
-            return;
-        }
-        let exp = state.until + 1.0;
-        let entries: Vec<StoreEntry> = declarations(&self.uids, &self.peer, exp)
-            .into_iter()
-            .map(|e| StoreEntry {
-                value: Value::Nil,
-                ..e
-            })
-            .collect();
-        if let Err(e) = self.dht.store_many(entries, false).await {
-            tracing::warn!(error = %e, "could not withdraw the expert declarations");
-        }
-        state.until = exp;
-        state.withdrawn = true;
-    }
+    refresher: Refresher,
 }
 
 impl Declarer {
@@ -425,41 +458,33 @@ impl Declarer {
         update_period: Duration,
         expiration: Duration,
     ) -> (Self, usize) {
-        let shared = Arc::new(DeclarerShared {
-            peer: dht.peer_id().to_base58(),
-            dht,
-            uids,
-            expiration,
-            state: tokio::sync::Mutex::new(DeclareState::default()),
-        });
-        let stored = shared.declare(true).await;
-        let weak = Arc::downgrade(&shared);
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(update_period).await;
-                let Some(shared) = weak.upgrade() else { return };
-                let stored = shared.declare(false).await;
-                tracing::debug!(stored, "re-declared experts");
-            }
-        });
-        (Self { shared, task }, stored)
+        let peer = dht.peer_id().to_base58();
+        let records = declarations(&uids, &peer, 0.0)
+            .into_iter()
+            .map(|e| KeptRecord {
+                key: e.key,
+                subkey: e.subkey,
+                value: e.value,
+            })
+            .collect();
+        let (refresher, stored) = Refresher::start(dht, records, update_period, expiration).await;
+        (Self { refresher }, stored)
     }
 
     /// Withdraws the declarations and stops refreshing them until [`Declarer::resume`] (e.g. while the
     /// volunteer's PC is in use and the runtime's gate is closed).
     pub async fn pause(&self) {
-        self.shared.withdraw().await;
+        self.refresher.pause().await;
     }
 
     /// Declares again at once and goes on refreshing.
     pub async fn resume(&self) -> usize {
-        self.shared.declare(true).await
+        self.refresher.resume().await
     }
 
     /// Stops refreshing and withdraws the declarations for good.
     pub async fn withdraw(self) {
-        self.task.abort();
-        self.shared.withdraw().await;
+        self.refresher.withdraw().await;
     }
 }
 
@@ -506,6 +531,74 @@ mod tests {
         );
         assert_eq!(split_uid("ffn.1.2."), Some(("ffn.1.".into(), 2)));
         assert_eq!(split_uid("nodots"), None);
+    }
+
+    fn nop_runtime(uids: &[&str]) -> RuntimeHandle {
+        use crate::runtime::{Runtime, RuntimeConfig};
+        use crate::{BackendConfig, Expert, ExpertBackend, ExpertConfig, ExpertKind};
+        let experts = uids
+            .iter()
+            .map(|uid| {
+                let expert = Expert::new(ExpertConfig::new(ExpertKind::Nop, 4), 0).unwrap();
+                (
+                    (*uid).to_owned(),
+                    ExpertBackend::new(expert, BackendConfig::default()).unwrap(),
+                )
+            })
+            .collect();
+        Runtime::spawn(experts, RuntimeConfig::default()).unwrap()
+    }
+
+    fn schemas(uids: &[&str]) -> HashMap<String, ExpertSchema> {
+        use crate::ExpertKind;
+        uids.iter()
+            .map(|uid| {
+                let schema = ExpertSchema::server_create(ExpertKind::Nop, 4, CompressionType::None, 8);
+                ((*uid).to_owned(), schema)
+            })
+            .collect()
+    }
+
+    /// `attach` is all or nothing: a uid hosted already, or one the runtime does not serve, refuses the
+    /// whole set; `detach` reports what was hosted.
+    #[test]
+    fn attach_refuses_duplicates_and_foreign_uids() {
+        let server = ExpertServer::empty();
+        assert!(server.uids().is_empty());
+        let a = nop_runtime(&["a.0", "a.1"]);
+        server.attach(a.clone(), schemas(&["a.0", "a.1"])).unwrap();
+        assert_eq!(server.uids(), ["a.0", "a.1"]);
+
+        let b = nop_runtime(&["b.0", "a.1"]);
+        let err = server.attach(b.clone(), schemas(&["b.0", "a.1"])).unwrap_err();
+        assert!(
+            matches!(&err, ExpertError::BadConfig(m) if m.contains("\"a.1\" is already hosted")),
+            "{err}"
+        );
+        assert_eq!(server.uids(), ["a.0", "a.1"], "nothing attached");
+
+        let err = server.attach(b.clone(), schemas(&["b.0", "b.9"])).unwrap_err();
+        assert!(
+            matches!(&err, ExpertError::UnknownExpert(u) if u == "b.9"),
+            "{err}"
+        );
+        assert_eq!(server.uids(), ["a.0", "a.1"], "nothing attached");
+
+        // an empty set attaches nothing and succeeds
+        server.attach(b.clone(), HashMap::new()).unwrap();
+        server.attach(b, schemas(&["b.0"])).unwrap();
+        assert_eq!(server.uids(), ["a.0", "a.1", "b.0"]);
+
+        let gone = server.detach(&["a.1".into(), "x.0".into(), "a.0".into(), "a.1".into()]);
+        assert_eq!(gone, ["a.1", "a.0"]);
+        assert_eq!(server.uids(), ["b.0"]);
+        // a detached uid may be attached again (here from the same runtime)
+        server.attach(a, schemas(&["a.0"])).unwrap();
+        assert_eq!(server.uids(), ["a.0", "b.0"]);
+        assert_eq!(
+            server.hosted("a.1").unwrap_err(),
+            ExpertError::UnknownExpert("a.1".into()).to_string()
+        );
     }
 
     /// In a 3-D grid `ffn.1.2.` is the prefix of both `ffn.1.2.3` and `ffn.1.2.4`, and `ffn.1.[2]` is

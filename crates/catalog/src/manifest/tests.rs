@@ -62,6 +62,8 @@ fn sample() -> Manifest {
                 training_steps: Some(10_000),
             },
             clip_grad_norm: Some(1.0),
+            dtype: "float32".into(),
+            init_seed: 7,
         },
         requirements: Requirements {
             min_ram_mb_per_expert: 64,
@@ -153,6 +155,7 @@ disk_mb = 1
     m.validate().unwrap();
     assert_eq!(m.expert.schedule.to_config().unwrap(), ScheduleConfig::None);
     assert!(m.bootstrap_peers.is_empty() && m.homepage.is_none());
+    assert_eq!((m.expert.dtype.as_str(), m.expert.init_seed), ("float32", 0));
     assert!(matches!(
         m.expert.optimizer.to_config().unwrap(),
         OptimizerConfig::Sgd { nesterov: true, .. }
@@ -263,6 +266,18 @@ fn expired_is_rejected() {
     assert!(s.verify(u64::MAX).is_err());
 }
 
+#[test]
+fn created_far_in_the_future_is_rejected() {
+    let s = signed();
+    let created = s.manifest.created;
+    // a clock a little behind is fine, a day behind is not
+    assert!(s.verify(created - 3600).is_ok());
+    assert!(matches!(
+        s.verify(created - 86_401),
+        Err(Rejection::InvalidTimes { reason }) if reason.contains("after this computer's clock")
+    ));
+}
+
 fn rejects(change: impl FnOnce(&mut Manifest)) -> Rejection {
     let mut m = sample();
     change(&mut m);
@@ -356,6 +371,10 @@ fn invalid_training_settings() {
     assert!(bad(rejects(|m| m.expert.optimizer.momentum = Some(0.9))));
     assert!(bad(rejects(|m| m.expert.clip_grad_norm = Some(0.0))));
     assert!(bad(rejects(|m| m.expert.clip_grad_norm = Some(f64::INFINITY))));
+    assert!(matches!(
+        rejects(|m| m.expert.dtype = "bfloat16".into()),
+        Rejection::UnsupportedDtype { dtype } if dtype == "bfloat16"
+    ));
     assert!(bad(rejects(|m| m.expert.schedule.warmup_steps = Some(20_000))));
     assert!(bad(rejects(|m| m.expert.schedule.name = "cosine".into())));
 }
