@@ -1,7 +1,7 @@
 //! `apiary bench moe`: the trainer's throughput on the demo's model against local volunteers.
 //!
 //! 1. The demo's swarm, built the demo's way ([`crate::swarm`]): a bootstrap DHT node and `--volunteers`
-//!    volunteers hosting one `ffn` expert grid per MoE layer (`ffn_l0.`, `ffn_l1.`, … grid `--grid`,
+//!    volunteers hosting one `ffn` expert grid per MoE layer (`ffn_demo.0.`, `ffn_demo.1.`, … grid `--grid`,
 //!    hidden `--hidden-dim`), all in this process, each on its own libp2p host on loopback.
 //! 2. A trainer on its own host (a DHT client) with the demo's character-level LM, whose feed-forward
 //!    sublayers are `RemoteMixtureOfExperts` layers (beam search over the DHT, `--k-best` experts per

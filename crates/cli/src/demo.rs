@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use apiary_catalog::swarm::{rosters, validator};
-use apiary_catalog::{Coverage, Manifest, Publication, StatusRecord};
-use apiary_dht::DhtHandle;
+use apiary_catalog::Publication;
+use apiary_catalog::swarm::validator;
 use apiary_moe::lm::{Corpus, Split};
 use apiary_moe::trainer::{StepReport, Trainer};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
@@ -18,7 +17,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, SwarmArgs, maddrs, node, node_with};
+use crate::swarm::{self, Progress, SwarmArgs, maddrs, node, node_with, publish_status};
 
 /// The demo's training text: eight public-domain plays (provenance in `assets/corpus/README.md`).
 pub(crate) const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
@@ -131,6 +130,7 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
         t_dht.clone(),
         manifest.clone(),
         progress_rx,
+        swarm::UPDATE_PERIOD / 2,
     ));
     let transport = Arc::new(P2pTransport::new(
         t_p2p.clone(),
@@ -335,43 +335,6 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     boot_dht.shutdown().await;
     boot_p2p.shutdown().await;
     Ok(())
-}
-
-/// The trainer's latest numbers, for the status record.
-#[derive(Debug, Clone, Default)]
-struct Progress {
-    step: u64,
-    loss: Option<f64>,
-    samples_per_s: f64,
-}
-
-/// Publishes the trainer's status beside the experiment every period: its progress, and the volunteers
-/// and covered experts the roster shows.
-async fn publish_status(
-    publication: Arc<Publication>,
-    dht: DhtHandle,
-    manifest: Manifest,
-    progress: tokio::sync::watch::Receiver<Progress>,
-) {
-    let grid = manifest.expert_uids();
-    loop {
-        let roster = rosters(&dht, &manifest).await.unwrap_or_default();
-        let coverage = Coverage::from_rosters(&manifest, roster);
-        let p = progress.borrow().clone();
-        let record = StatusRecord {
-            experiment: manifest.id.clone(),
-            volunteers: coverage.volunteers() as u32,
-            experts_covered: grid.iter().filter(|u| coverage.replicas(u) > 0).count() as u32,
-            grid_experts: grid.len() as u32,
-            samples_per_s: p.samples_per_s,
-            loss: p.loss,
-            step: p.step,
-            updated_at: apiary_dht::get_dht_time(),
-        };
-        let stored = publication.set_status(&record).await;
-        tracing::debug!(stored, step = p.step, "status published");
-        tokio::time::sleep(swarm::UPDATE_PERIOD / 2).await;
-    }
 }
 
 /// The trainer thread: the starting losses, `steps` steps (each reported), the final losses and a sample.

@@ -131,8 +131,11 @@ async fn serve(node: NodeArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
+/// A node of the swarm: every Apiary node runs hivemind's RSA owner validator (with a key of its own), so
+/// it refuses protected records their owner did not sign and reads signed ones (the experiment catalog).
 pub(crate) async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
-    start_with_validator(node, client_mode, CompositeValidator::default()).await
+    let validator = apiary_catalog::swarm::validator(None).context("making the node's record key")?;
+    start_with_validator(node, client_mode, validator).await
 }
 
 /// [`start`] with record validators (the catalog's RSA owner validator).

@@ -19,6 +19,7 @@ use apiary_dht::DhtHandle;
 use apiary_dht::validation::CompositeValidator;
 use apiary_expert::server::ExpertServer;
 use apiary_p2p::{Multiaddr, P2pHandle};
+use apiary_wire::signature::RsaPrivateKey;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -641,16 +642,14 @@ async fn leave(id: &str, data_dir: &Path, timeout: f64, out: &Output) -> Result<
     Ok(())
 }
 
-/// `apiary publish`: signs the manifest with the publisher's key and keeps it in the DHT's catalog until
-/// interrupted, then withdraws it.
-pub async fn publish(args: PublishArgs, out: &Output) -> Result<()> {
-    if !(args.update_period.is_finite() && args.update_period > 0.0) {
-        bail!("--update-period must be a positive number of seconds");
-    }
-    let key = crate::keys::load(&args.key)?;
-    let text = std::fs::read_to_string(&args.manifest)
-        .with_context(|| format!("reading {}", args.manifest.display()))?;
-    let mut manifest = if args.manifest.extension().is_some_and(|e| e == "json") {
+/// Reads a manifest (TOML, or JSON when it ends in `.json`) and signs it with the key in `key_path`: an
+/// empty publisher key is filled in from it (another key is refused), `created = 0` means now and
+/// `expires = 0` thirty days from now.
+pub fn load_and_sign(manifest_path: &Path, key_path: &Path) -> Result<(RsaPrivateKey, SignedManifest)> {
+    let key = crate::keys::load(key_path)?;
+    let text = std::fs::read_to_string(manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let mut manifest = if manifest_path.extension().is_some_and(|e| e == "json") {
         Manifest::from_json_slice(text.as_bytes())?
     } else {
         Manifest::from_toml_str(&text)?
@@ -661,7 +660,7 @@ pub async fn publish(args: PublishArgs, out: &Output) -> Result<()> {
     } else if manifest.publisher_key()? != public {
         bail!(
             "the manifest names another publisher key than {} ({} vs {})",
-            args.key.display(),
+            key_path.display(),
             fingerprint(&manifest.publisher_key()?),
             fingerprint(&public)
         );
@@ -673,8 +672,20 @@ pub async fn publish(args: PublishArgs, out: &Output) -> Result<()> {
     if manifest.expires == 0 {
         manifest.expires = now + DEFAULT_VALIDITY;
     }
-    let id = manifest.id.clone();
     let signed = SignedManifest::sign(manifest, &key)?;
+    Ok((key, signed))
+}
+
+/// `apiary publish`: signs the manifest with the publisher's key and keeps it in the DHT's catalog until
+/// interrupted, then withdraws it.
+pub async fn publish(args: PublishArgs, out: &Output) -> Result<()> {
+    if !(args.update_period.is_finite() && args.update_period > 0.0) {
+        bail!("--update-period must be a positive number of seconds");
+    }
+    let (key, signed) = load_and_sign(&args.manifest, &args.key)?;
+    let id = signed.manifest.id.clone();
+    let public = key.public_key();
+    let now = unix_now();
     let Some((p2p, dht)) = catalog_node(&args.node, false, validator(Some(key))?).await? else {
         bail!("no bootstrap peers");
     };

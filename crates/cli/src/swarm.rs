@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use apiary_catalog::{Hosting, HostingConfig, Manifest, SignedManifest};
+use apiary_catalog::swarm::rosters;
+use apiary_catalog::{Coverage, Hosting, HostingConfig, Manifest, Publication, SignedManifest, StatusRecord};
 use apiary_dht::validation::CompositeValidator;
 use apiary_dht::{Dht, DhtConfig, DhtHandle};
 use apiary_expert::RuntimeStats;
@@ -118,6 +119,44 @@ impl SwarmArgs {
         )?;
         let lm = self.lm_config(corpus.vocab.len());
         Ok(Trainer::new(lm, moes, corpus, self.trainer_config())?)
+    }
+}
+
+/// The trainer's latest numbers, for the status record.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub step: u64,
+    pub loss: Option<f64>,
+    pub samples_per_s: f64,
+}
+
+/// Publishes the trainer's status beside the experiment every `period`: its progress, and the volunteers
+/// and covered experts the roster shows.
+pub async fn publish_status(
+    publication: Arc<Publication>,
+    dht: DhtHandle,
+    manifest: Manifest,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    period: Duration,
+) {
+    let grid = manifest.expert_uids();
+    loop {
+        let roster = rosters(&dht, &manifest).await.unwrap_or_default();
+        let coverage = Coverage::from_rosters(&manifest, roster);
+        let p = progress.borrow().clone();
+        let record = StatusRecord {
+            experiment: manifest.id.clone(),
+            volunteers: coverage.volunteers() as u32,
+            experts_covered: grid.iter().filter(|u| coverage.replicas(u) > 0).count() as u32,
+            grid_experts: grid.len() as u32,
+            samples_per_s: p.samples_per_s,
+            loss: p.loss,
+            step: p.step,
+            updated_at: apiary_dht::get_dht_time(),
+        };
+        let stored = publication.set_status(&record).await;
+        tracing::debug!(stored, step = p.step, "status published");
+        tokio::time::sleep(period).await;
     }
 }
 

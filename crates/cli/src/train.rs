@@ -2,21 +2,26 @@
 //! `--model demo` is the demo's character-level language model (one MoE layer per `--uid-prefix`);
 //! `--model toy` a small classifier around one MoE layer, like hivemind's examples.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use apiary_catalog::records::in_grid;
+use apiary_catalog::swarm::validator;
+use apiary_catalog::{Publication, SignedManifest};
 use apiary_moe::lm::{Corpus, LmConfig, Split};
 use apiary_moe::toy::ToyTrainer;
 use apiary_moe::trainer::{Trainer, TrainerConfig};
 use apiary_moe::transport::{P2pTransport, TransportConfig};
+use apiary_wire::signature::RsaPrivateKey;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::dht::{NodeArgs, start};
+use crate::dht::{NodeArgs, start, start_with_validator};
 use crate::output::Output;
-use crate::swarm::{self, MoeSettings};
+use crate::swarm::{self, MoeSettings, Progress, publish_status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Model {
@@ -28,7 +33,7 @@ enum Model {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// The experts' uid prefix, one per MoE layer (e.g. `ffn.`; the demo swarm uses `ffn_l0. ffn_l1.`).
+    /// The experts' uid prefix, one per MoE layer (e.g. `ffn.`; the demo swarm uses `ffn_demo.0. ffn_demo.1.`).
     #[arg(long, num_args = 1.., required = true)]
     uid_prefix: Vec<String>,
     /// The expert grid, one size per dimension.
@@ -82,8 +87,54 @@ pub struct TrainArgs {
     /// Seeds the model and the batches.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Publish this experiment's manifest (TOML/JSON, as `apiary publish` takes it) while training, and
+    /// the trainer's live status beside it; needs --key. Every --uid-prefix's grid must lie in its grid.
+    #[arg(long, requires = "key")]
+    manifest: Option<PathBuf>,
+    /// The publisher's private key for --manifest.
+    #[arg(long, requires = "manifest")]
+    key: Option<PathBuf>,
+    /// Seconds between refreshes of the published manifest and status.
+    #[arg(long, default_value_t = 10.0)]
+    status_period: f64,
     #[command(flatten)]
     node: NodeArgs,
+}
+
+/// The experiment `apiary train --manifest` publishes, checked against the trainer's layers.
+fn experiment(args: &TrainArgs) -> Result<Option<(RsaPrivateKey, SignedManifest)>> {
+    let (Some(manifest), Some(key)) = (&args.manifest, &args.key) else {
+        return Ok(None);
+    };
+    if !(args.status_period.is_finite() && args.status_period > 0.0) {
+        bail!("--status-period must be a positive number of seconds");
+    }
+    let (key, signed) = crate::experiments::load_and_sign(manifest, key)?;
+    let m = &signed.manifest;
+    for prefix in &args.uid_prefix {
+        for coords in swarm::grid_coords(&args.grid) {
+            let c: Vec<String> = coords.iter().map(ToString::to_string).collect();
+            let uid = format!("{prefix}{}", c.join("."));
+            if !in_grid(&uid, &m.uid_prefix, &m.grid) {
+                bail!(
+                    "--uid-prefix {prefix} with --grid {:?} routes to {uid}, which is not in the experiment's grid \
+                     ({} {:?})",
+                    args.grid,
+                    m.uid_prefix,
+                    m.grid
+                );
+            }
+        }
+    }
+    if m.expert.kind != "ffn" || m.expert.hidden_dim != args.hidden_dim {
+        bail!(
+            "the experiment's experts are `{}` of hidden dim {}, the trainer routes through `ffn` of {}",
+            m.expert.kind,
+            m.expert.hidden_dim,
+            args.hidden_dim
+        );
+    }
+    Ok(Some((key, signed)))
 }
 
 pub async fn run(args: TrainArgs, out: &Output) -> Result<()> {
@@ -96,7 +147,37 @@ pub async fn run(args: TrainArgs, out: &Output) -> Result<()> {
     if args.model == Model::Toy && args.uid_prefix.len() != 1 {
         bail!("--model toy has one MoE layer: give one --uid-prefix");
     }
-    let (p2p, dht) = start(&args.node, true).await?;
+    let experiment = experiment(&args)?;
+    let (p2p, dht) = match &experiment {
+        Some((key, _)) => start_with_validator(&args.node, true, validator(Some(key.clone()))?).await?,
+        None => start(&args.node, true).await?,
+    };
+    let publishing = match &experiment {
+        Some((_, signed)) => {
+            let period = Duration::from_secs_f64(args.status_period);
+            let publication = Publication::start(
+                dht.clone(),
+                signed,
+                swarm::unix_now(),
+                period,
+                (2 * period).max(Duration::from_secs(3)),
+            )
+            .await
+            .context("publishing the experiment")?;
+            let publication = Arc::new(publication);
+            let (tx, rx) = tokio::sync::watch::channel(Progress::default());
+            let task = tokio::spawn(publish_status(
+                publication.clone(),
+                dht.clone(),
+                signed.manifest.clone(),
+                rx,
+                period,
+            ));
+            tracing::info!(experiment = %signed.manifest.id, "published the experiment");
+            Some((publication, tx, task))
+        }
+        None => None,
+    };
     let transport = Arc::new(P2pTransport::new(
         p2p.clone(),
         TransportConfig {
@@ -199,6 +280,17 @@ pub async fn run(args: TrainArgs, out: &Output) -> Result<()> {
         };
         losses.push(loss);
         bar.set_position(step);
+        if let Some((_, progress, _)) = &publishing {
+            let samples = match args.model {
+                Model::Demo => args.batch * args.seq,
+                Model::Toy => args.batch,
+            };
+            let _ = progress.send(Progress {
+                step,
+                loss: Some(f64::from(loss)),
+                samples_per_s: samples as f64 / seconds.max(1e-9),
+            });
+        }
         bar.set_message(match accuracy {
             Some(a) => format!("loss {loss:.3} accuracy {:.0}%", 100.0 * a),
             None => format!("loss {loss:.3}"),
@@ -211,6 +303,13 @@ pub async fn run(args: TrainArgs, out: &Output) -> Result<()> {
     }
     bar.finish_and_clear();
     let outcome = job.await.context("the trainer thread")?;
+    if let Some((publication, _, task)) = publishing {
+        task.abort();
+        let _ = task.await;
+        if let Ok(publication) = Arc::try_unwrap(publication) {
+            publication.withdraw().await;
+        }
+    }
     dht.shutdown().await;
     p2p.shutdown().await;
     let mut result = outcome.context("training stopped")?;

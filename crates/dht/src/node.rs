@@ -1373,7 +1373,12 @@ impl DhtHandle {
                     for e in d.into_entries() {
                         let exp = e.expiration_time.as_f64();
                         let record = DhtRecord::new(key_id, msgpack::encode(&e.subkey), e.value, exp);
-                        entries.push((e.subkey, decode(strip(record))?, exp));
+                        // one undecodable sub-entry (e.g. signed for a validator this node does not
+                        // run) must not hide the others
+                        match decode(strip(record)) {
+                            Ok(value) => entries.push((e.subkey, value, exp)),
+                            Err(err) => tracing::debug!(%err, "skipping an undecodable dictionary entry"),
+                        }
                     }
                     Ok(Found::Dictionary {
                         entries,
