@@ -1168,7 +1168,9 @@ impl DhtHandle {
     }
 
     /// `store`: `key` (and `subkey`) ← `value` until `expiration`, on the `num_replicas` nearest
-    /// nodes. `Ok(false)` when no replica accepted it (unreachable, or a newer value is held).
+    /// nodes. As in hivemind, the flag is the answer of the last replica that replied: `Ok(false)` when
+    /// none was reachable, or the last one refused (it holds a newer value, or its validator rejected the
+    /// record).
     pub async fn store(
         &self,
         key: Value,
