@@ -139,10 +139,12 @@ pub fn data_dir_or_default(dir: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// A node that reads (and, with `key`, signs) catalog records, bootstrapped from `--initial-peers` or
-/// the bundled bootstrap list. `None` when there is nobody to ask.
+/// the bundled bootstrap list. `None` when there is nobody to ask, unless the node may start `alone` (a
+/// publisher can be the first node of a swarm).
 async fn catalog_node(
     node: &NodeArgs,
     client_mode: bool,
+    alone: bool,
     validator: CompositeValidator,
 ) -> Result<Option<(P2pHandle, DhtHandle)>> {
     let mut node = node.clone();
@@ -152,7 +154,7 @@ async fn catalog_node(
             .filter_map(|p| p.parse::<Multiaddr>().ok())
             .collect();
     }
-    if node.initial_peers.is_empty() && client_mode {
+    if node.initial_peers.is_empty() && !alone {
         return Ok(None);
     }
     Ok(Some(start_with_validator(&node, client_mode, validator).await?))
@@ -160,7 +162,7 @@ async fn catalog_node(
 
 /// The DHT's catalog through a short-lived client node (empty when there are no bootstrap peers).
 async fn browse_dht(browse: &BrowseArgs) -> Result<(DhtCatalog, bool)> {
-    let Some((p2p, dht)) = catalog_node(&browse.node, true, validator(None)?).await? else {
+    let Some((p2p, dht)) = catalog_node(&browse.node, true, false, validator(None)?).await? else {
         return Ok((DhtCatalog::default(), false));
     };
     let catalog = fetch(&dht, unix_now())
@@ -430,7 +432,7 @@ async fn join(
             j.uids.len()
         );
     }
-    let Some((p2p, dht)) = catalog_node(&browse.node, false, validator(None)?).await? else {
+    let Some((p2p, dht)) = catalog_node(&browse.node, false, false, validator(None)?).await? else {
         return Err(not_listed(id, false));
     };
     let result = host(
@@ -686,7 +688,7 @@ pub async fn publish(args: PublishArgs, out: &Output) -> Result<()> {
     let id = signed.manifest.id.clone();
     let public = key.public_key();
     let now = unix_now();
-    let Some((p2p, dht)) = catalog_node(&args.node, false, validator(Some(key))?).await? else {
+    let Some((p2p, dht)) = catalog_node(&args.node, false, true, validator(Some(key))?).await? else {
         bail!("no bootstrap peers");
     };
     let period = Duration::from_secs_f64(args.update_period);
