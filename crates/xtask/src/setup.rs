@@ -64,6 +64,16 @@ fn system_packages() -> Result<()> {
     if !succeeds(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
         missing.extend(["python3", "python3-venv", "python3-pip"]);
     }
+    // The governor's activity probes are tested against a real X server and a private D-Bus.
+    for (binary, package) in [
+        ("Xvfb", "xvfb"),
+        ("xauth", "xauth"),
+        ("dbus-daemon", "dbus-daemon"),
+    ] {
+        if !succeeds(Command::new("sh").args(["-c", &format!("command -v {binary}")])) {
+            missing.push(package);
+        }
+    }
     if missing.is_empty() {
         eprintln!("==> system packages: all present");
         return Ok(());
