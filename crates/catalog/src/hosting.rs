@@ -12,7 +12,7 @@ use apiary_expert::checkpoints::{load_or_init, save_all};
 use apiary_expert::runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use apiary_expert::schema::ExpertSchema;
 use apiary_expert::server::{Declarer, ExpertServer};
-use apiary_expert::{BackendConfig, ExpertError, RuntimeStats};
+use apiary_expert::{BackendConfig, ExpertError, Gate, RuntimeStats};
 use apiary_wire::proto::runtime::CompressionType;
 use serde::Serialize;
 
@@ -296,6 +296,28 @@ impl Hosting {
     /// Where this experiment's checkpoints are saved, if anywhere.
     pub fn checkpoint_dir(&self) -> Option<&std::path::Path> {
         self.checkpoints.as_deref()
+    }
+
+    /// Sets the compute runtime's gate (the governor's directive): [`Gate::Stop`] refuses new and queued
+    /// work at once and lets the running batch finish; [`Gate::Pace`] limits the duty cycle.
+    pub fn set_gate(&self, gate: Gate) {
+        self.runtime.set_gate(gate);
+    }
+
+    /// Yields: the gate closes ([`Gate::Stop`]) and the declarations and roster entry are withdrawn at once,
+    /// so trainers stop routing here; the experts stay loaded for a quick resume.
+    pub async fn pause(&self) {
+        self.runtime.set_gate(Gate::Stop);
+        self.declarer.pause().await;
+        self.roster.pause().await;
+    }
+
+    /// Undoes [`Hosting::pause`]: the gate opens (`gate`, e.g. [`Gate::Run`]) and the experts are declared
+    /// and announced again at once.
+    pub async fn resume(&self, gate: Gate) {
+        self.runtime.set_gate(gate);
+        self.declarer.resume().await;
+        self.roster.resume().await;
     }
 
     /// Stops at once without a goodbye, as a crash or a pulled plug would: nothing is withdrawn (the

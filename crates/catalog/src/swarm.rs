@@ -137,6 +137,16 @@ impl RosterEntry {
         Ok(Self { refresher })
     }
 
+    /// Withdraws the entry until [`RosterEntry::resume`] (while the node is paused).
+    pub async fn pause(&self) {
+        self.refresher.pause().await;
+    }
+
+    /// Announces the entry again at once and goes on refreshing it.
+    pub async fn resume(&self) {
+        self.refresher.resume().await;
+    }
+
     /// Withdraws the entry for good.
     pub async fn withdraw(self) {
         self.refresher.withdraw().await;
