@@ -17,7 +17,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::output::Output;
-use crate::swarm::{self, Progress, SwarmArgs, maddrs, node, node_with, publish_status};
+use crate::swarm::{self, Progress, SwarmArgs, maddrs, node_with, publish_status};
 
 /// The demo's training text: eight public-domain plays (provenance in `assets/corpus/README.md`).
 pub(crate) const CORPUS: &str = include_str!("../../../assets/corpus/shakespeare-plays.txt");
@@ -71,7 +71,8 @@ pub async fn run(args: DemoArgs, out: &Output) -> Result<()> {
     // the experiment and the swarm
     let (key, experiment) = args.swarm.experiment()?;
     let manifest = experiment.manifest.clone();
-    let (boot_p2p, boot_dht) = node(&[], false).await?;
+    // the bootstrap node refuses catalog writes their owner did not sign, as every Apiary DHT node does
+    let (boot_p2p, boot_dht) = node_with(&[], false, validator(None)?).await?;
     let boot = maddrs(&boot_p2p).await;
     let mut volunteers = swarm::volunteers(&boot, args.swarm.volunteers, &manifest).await?;
     let experts: usize = volunteers.iter().map(|v| v.uids.len()).sum();

@@ -128,10 +128,11 @@ pub async fn run(args: ExperimentsArgs, out: &Output) -> Result<()> {
     }
 }
 
-/// `--data-dir`, else the platform's data folder + `apiary` (XDG on Linux).
+/// `--data-dir` (made absolute: the free disk space is looked up by path), else the platform's data
+/// folder + `apiary` (XDG on Linux).
 pub fn data_dir_or_default(dir: Option<PathBuf>) -> Result<PathBuf> {
     match dir {
-        Some(d) => Ok(d),
+        Some(d) => Ok(std::path::absolute(&d).unwrap_or(d)),
         None => dirs::data_dir()
             .map(|d| d.join("apiary"))
             .ok_or_else(|| anyhow!("no data folder on this system: pass --data-dir")),
