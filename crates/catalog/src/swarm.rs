@@ -10,7 +10,7 @@ use apiary_wire::signature::{KeyError, RsaPrivateKey, RsaPublicKey, RsaSignature
 
 use crate::manifest::{Manifest, Rejection, SignedManifest};
 use crate::records::{
-    CATALOG_KEY, STATUS_KEY, StatusRecord, catalog_value, owned_subkey, parse_catalog_entry,
+    CATALOG_KEY, STATUS_KEY, StatusRecord, catalog_value, fingerprint, owned_subkey, parse_catalog_entry,
     parse_owned_subkey, parse_roster_entry, roster_key, roster_value,
 };
 
@@ -187,6 +187,46 @@ pub struct DhtCatalog {
     pub listings: Vec<Listing>,
     /// Entries refused, with the reason.
     pub refused: Vec<Refused>,
+}
+
+/// Two or more publishers list experiments under the same id, and none was chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} publishers use the experiment id `{id}` (keys {}): choose one by its key", keys.len(), keys.join(", "))]
+pub struct AmbiguousId {
+    /// The id.
+    pub id: String,
+    /// The publishers' key [`fingerprint`]s.
+    pub keys: Vec<String>,
+}
+
+impl DhtCatalog {
+    /// The one listing `id` names; `publisher` (a key [`fingerprint`] or its start) picks one when
+    /// several publishers use the id.
+    pub fn pick(&self, id: &str, publisher: Option<&str>) -> Result<Option<&Listing>, AmbiguousId> {
+        let matches: Vec<&Listing> = self
+            .listings
+            .iter()
+            .filter(|l| l.manifest().id == id)
+            .filter(|l| {
+                publisher.is_none_or(|p| {
+                    l.manifest()
+                        .publisher_key()
+                        .is_ok_and(|k| fingerprint(&k).starts_with(&p.to_ascii_lowercase()))
+                })
+            })
+            .collect();
+        match matches.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one)),
+            many => Err(AmbiguousId {
+                id: id.to_owned(),
+                keys: many
+                    .iter()
+                    .filter_map(|l| l.manifest().publisher_key().ok().map(|k| fingerprint(&k)))
+                    .collect(),
+            }),
+        }
+    }
 }
 
 fn dictionary(found: Option<Found>) -> Vec<(Value, Value)> {

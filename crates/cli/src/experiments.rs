@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::dht::{NodeArgs, start_with_validator, visible_maddrs};
-use crate::machine::local_profile;
 use crate::output::Output;
 use crate::swarm::unix_now;
+use apiary_node::local_profile;
 
 #[derive(Debug, Args)]
 pub struct ExperimentsArgs {
@@ -295,33 +295,9 @@ fn card_text(card: &Card, detailed: bool) -> String {
 
 /// The one listing `id` names (and `--publisher`, when several publishers use it).
 fn pick<'a>(catalog: &'a DhtCatalog, id: &str, publisher: Option<&str>) -> Result<Option<&'a Listing>> {
-    let matches: Vec<&Listing> = catalog
-        .listings
-        .iter()
-        .filter(|l| l.manifest().id == id)
-        .filter(|l| {
-            publisher.is_none_or(|p| {
-                l.manifest()
-                    .publisher_key()
-                    .is_ok_and(|k| fingerprint(&k).starts_with(&p.to_ascii_lowercase()))
-            })
-        })
-        .collect();
-    match matches.as_slice() {
-        [] => Ok(None),
-        [one] => Ok(Some(one)),
-        many => {
-            let keys: Vec<String> = many
-                .iter()
-                .filter_map(|l| l.manifest().publisher_key().ok().map(|k| fingerprint(&k)))
-                .collect();
-            bail!(
-                "{} publishers use the experiment id `{id}` (keys {}): choose one with --publisher",
-                many.len(),
-                keys.join(", ")
-            )
-        }
-    }
+    catalog
+        .pick(id, publisher)
+        .map_err(|e| anyhow!("{e}: pass --publisher with one of them"))
 }
 
 /// Why `id` cannot be joined when the DHT does not list it.

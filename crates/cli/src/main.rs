@@ -13,7 +13,6 @@ mod dht;
 mod experiments;
 mod json;
 mod keys;
-mod machine;
 mod output;
 mod server;
 mod swarm;

@@ -195,9 +195,18 @@ mod linux {
             return;
         }
         let (_xvfb, display) = start_xvfb().expect("Xvfb starts");
-        let mut probe = X11ActivityProbe::new(Some(display.clone()));
-        let a = probe.sample();
-        println!("Xvfb {display}: {a:?}");
+        // the socket appears before the server answers; on a loaded machine the probe's 200 ms connect
+        // limit can pass first, so give the server time to come up (a fresh probe per try: no back-off)
+        let t = Instant::now();
+        let (mut probe, a) = loop {
+            let mut probe = X11ActivityProbe::new(Some(display.clone()));
+            let a = probe.sample();
+            if a.idle_s.is_known() || t.elapsed() > Duration::from_secs(20) {
+                break (probe, a);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        println!("Xvfb {display} after {:?}: {a:?}", t.elapsed());
         let first = a.idle_s.get().expect("XScreenSaver idle time is known on Xvfb");
         assert_eq!(a.locked, Reading::Known(false));
         assert!(

@@ -1,5 +1,5 @@
-//! This computer's profile for the catalog's hardware fit: cores, RAM, free disk where the data lives,
-//! and the GPUs this build can compute on.
+//! This computer's profile for the catalog's hardware fit: cores,
+//! RAM, free disk where the data lives, and the GPUs this build can compute on.
 
 use std::path::Path;
 
@@ -7,7 +7,8 @@ use apiary_catalog::{GpuProfile, MachineProfile};
 
 const MIB: u64 = 1024 * 1024;
 
-/// Measures this machine now. `data_dir` picks the disk whose free space counts.
+/// Measures this machine now (blocking for a few milliseconds: call it off the async workers).
+/// `data_dir` picks the disk whose free space counts.
 pub fn local_profile(data_dir: &Path) -> MachineProfile {
     let mut system = sysinfo::System::new();
     system.refresh_memory();
@@ -37,8 +38,8 @@ pub fn local_profile(data_dir: &Path) -> MachineProfile {
     }
 }
 
-/// GPUs usable for experts. A CPU-only build has none; GPU discovery with memory figures arrives with the
-/// governor's NVML probe, so a CUDA build lists none here either and experiments run on the CPU.
+/// GPUs usable for experts: none yet (experts run on the CPU; GPU placement arrives with NVML
+/// memory figures in the profile).
 fn gpus() -> Vec<GpuProfile> {
     Vec::new()
 }

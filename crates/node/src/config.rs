@@ -1,0 +1,217 @@
+//! [`NodeConfig`]: the node's settings, kept in a TOML file (`node.toml`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use apiary_governor::PolicyConfig;
+use serde::{Deserialize, Serialize};
+
+/// The file name of the node's settings inside the platform's config folder.
+pub const CONFIG_FILE: &str = "node.toml";
+
+/// The node's settings. Every field has a default (`#[serde(default)]`), so a file may set only what
+/// it changes; an empty or missing file is the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Where the ledger, the policy state, the joined experiments and the checkpoints live.
+    /// Default: the platform's data folder + `apiary` (`$XDG_DATA_HOME/apiary` on Linux), or
+    /// `./apiary` where the platform has none.
+    pub data_dir: PathBuf,
+    /// Multiaddrs the p2p host listens on. Default `["/ip4/0.0.0.0/tcp/0"]`.
+    pub listen_maddrs: Vec<String>,
+    /// Full multiaddrs (with `/p2p/`) of the DHT peers to bootstrap from. Default: the bundled
+    /// bootstrap list ([`apiary_catalog::bundled::bootstrap_peers`], empty until public bootstrap
+    /// nodes exist). An empty list starts the node alone; unreachable peers are logged, not fatal.
+    pub initial_peers: Vec<String>,
+    /// Run the DHT as a client (no incoming DHT requests; for nodes behind NAT). Default false.
+    pub client_mode: bool,
+    /// How often declarations and roster entries are refreshed and checkpoints saved, in seconds
+    /// (a float in TOML). Default 30 s; declarations live two periods (at least 3 s).
+    #[serde(with = "seconds")]
+    pub update_period: Duration,
+    /// Start paused when there is no saved policy state yet (the first run): the UI asks the user
+    /// before the node computes anything. A saved state (a snooze, a pause, a resume) always wins.
+    /// Default true.
+    pub start_paused: bool,
+    /// The most experts joined per experiment, unless a join says otherwise. Default none (the
+    /// hardware fit decides).
+    pub max_experts: Option<usize>,
+    /// The governor's settings (mode, levels, protection rules, schedule). The mode also picks the
+    /// memory budget of join planning: Quiet → Quiet, Balanced and Only-when-away → Balanced,
+    /// Max → Max. Default [`PolicyConfig::default`].
+    pub policy: PolicyConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: dirs::data_dir().map_or_else(|| PathBuf::from("apiary"), |d| d.join("apiary")),
+            listen_maddrs: vec!["/ip4/0.0.0.0/tcp/0".to_owned()],
+            initial_peers: apiary_catalog::bundled::bootstrap_peers(),
+            client_mode: false,
+            update_period: Duration::from_secs(30),
+            start_paused: true,
+            max_experts: None,
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+/// Why the settings could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read, or could not be written.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        /// `read` or `write`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a field of the wrong type (the message names the line).
+    #[error("{} is not a valid node config: {message}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line and column.
+        message: String,
+    },
+    /// The settings could not be written as TOML.
+    #[error("cannot write the node config as TOML: {0}")]
+    Serialize(#[from] toml::ser::Error),
+    /// The platform has no config folder.
+    #[error("this system has no config folder")]
+    NoConfigDir,
+}
+
+impl NodeConfig {
+    /// `<platform config folder>/apiary/node.toml` (`$XDG_CONFIG_HOME/apiary/node.toml` on Linux).
+    pub fn default_path() -> Result<PathBuf, ConfigError> {
+        dirs::config_dir()
+            .map(|d| d.join("apiary").join(CONFIG_FILE))
+            .ok_or(ConfigError::NoConfigDir)
+    }
+
+    /// Reads `path`; a missing file is the defaults, a malformed one an error naming the file and line.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(ConfigError::Io {
+                    what: "read",
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Self::from_toml(&text).map_err(|message| ConfigError::Malformed {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text (the error is the parser's message, with line and column).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Writes the settings to `path` atomically (a temporary file beside it, then a rename), creating
+    /// the folder when missing.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string_pretty(self)?;
+        write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Io {
+            what: "write",
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The memory budget join planning uses for the governor's mode.
+    pub fn planning_mode(&self) -> apiary_catalog::Mode {
+        planning_mode(self.policy.mode)
+    }
+}
+
+/// The catalog's planning mode for a governor mode: Quiet → Quiet, Balanced and Only-when-away →
+/// Balanced, Max → Max.
+pub fn planning_mode(mode: apiary_governor::Mode) -> apiary_catalog::Mode {
+    match mode {
+        apiary_governor::Mode::Quiet => apiary_catalog::Mode::Quiet,
+        apiary_governor::Mode::Balanced | apiary_governor::Mode::OnlyWhenAway => {
+            apiary_catalog::Mode::Balanced
+        }
+        apiary_governor::Mode::Max => apiary_catalog::Mode::Max,
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
+/// see the old or the new content, never a part.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `Duration` as a float of seconds.
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+            return Err(serde::de::Error::custom(format!(
+                "{secs} is not a number of seconds in (0, 86400]"
+            )));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_partial_files_fill_in() {
+        let c = NodeConfig::default();
+        assert_eq!(c.update_period, Duration::from_secs(30));
+        assert!(c.start_paused);
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(NodeConfig::from_toml(&text).unwrap(), c);
+        let partial = NodeConfig::from_toml("update_period = 2.5\n[policy]\nmode = \"max\"\n").unwrap();
+        assert_eq!(partial.update_period, Duration::from_millis(2500));
+        assert_eq!(partial.policy.mode, apiary_governor::Mode::Max);
+        assert_eq!(partial.planning_mode(), apiary_catalog::Mode::Max);
+        assert!(NodeConfig::from_toml("update_period = -1").is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! [`NodeError`].
+
+use crate::config::ConfigError;
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The settings could not be read or written.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file in the data folder could not be read or written.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A multiaddr in the settings does not parse.
+    #[error("`{addr}` in {field} is not a multiaddr: {reason}")]
+    BadAddress {
+        /// `listen_maddrs` or `initial_peers`.
+        field: &'static str,
+        /// The text.
+        addr: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The p2p host failed.
+    #[error("p2p host: {0}")]
+    P2p(#[from] apiary_p2p::HostError),
+    /// The expert RPCs could not be registered.
+    #[error("registering the expert RPCs: {0}")]
+    Register(#[from] apiary_p2p::InvalidName),
+    /// The DHT failed.
+    #[error("DHT: {0}")]
+    Dht(#[from] apiary_dht::DhtError),
+    /// The record-signing key could not be made.
+    #[error("record validator key: {0}")]
+    Key(#[from] apiary_wire::signature::KeyError),
+    /// The ledger failed.
+    #[error("ledger: {0}")]
+    Ledger(#[from] apiary_ledger::LedgerError),
+    /// The governor failed.
+    #[error("governor: {0}")]
+    Governor(#[from] apiary_governor::GovernorError),
+    /// The experiment is not in the catalog this node can see.
+    #[error("{0}")]
+    NotListed(String),
+    /// Several publishers use the id.
+    #[error(
+        "{count} publishers use the experiment id `{id}` (keys {keys}): choose one by its key fingerprint"
+    )]
+    AmbiguousPublisher {
+        /// The id.
+        id: String,
+        /// How many.
+        count: usize,
+        /// Their fingerprints, comma separated.
+        keys: String,
+    },
+    /// The experiment is already joined (or being joined) by this node.
+    #[error("`{0}` is already joined by this node: leave it first")]
+    AlreadyJoined(String),
+    /// The experiment is not joined by this node.
+    #[error("`{0}` is not joined by this node")]
+    NotJoined(String),
+    /// Planning which experts to host failed (does not fit, finished, `max_experts = 0`).
+    #[error("cannot plan joining `{id}`: {source}")]
+    Plan {
+        /// The experiment.
+        id: String,
+        /// Why.
+        #[source]
+        source: apiary_catalog::PlanError,
+    },
+    /// Starting the experts failed.
+    #[error("cannot join `{id}`: {source}")]
+    Join {
+        /// The experiment.
+        id: String,
+        /// Why.
+        #[source]
+        source: apiary_catalog::JoinError,
+    },
+    /// The manifest's publisher key is unusable.
+    #[error("the manifest of `{id}` is unusable: {reason}")]
+    Manifest {
+        /// The experiment.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node has shut down.
+    #[error("the node has stopped")]
+    Stopped,
+}

@@ -1,0 +1,130 @@
+//! What the node tells its UI: [`NodeStatus`] (a `watch`) and [`NodeEvent`]s (a `broadcast`).
+
+use std::sync::Arc;
+
+use apiary_governor::{Directive, Sample};
+use serde::{Serialize, Serializer};
+
+/// What the node is doing, in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Computing (the governor's `Run`, at its level).
+    Running,
+    /// Computing at a reduced duty cycle (the governor's `Pace`: the temperature controller).
+    Throttled,
+    /// Finishing in-flight work, starting nothing new (the governor's `Drain`).
+    Draining,
+    /// Not computing; declarations withdrawn (the governor's `Paused`).
+    Paused,
+}
+
+impl RunState {
+    /// The state a directive puts the node in.
+    pub fn of(directive: &Directive) -> Self {
+        match directive {
+            Directive::Run { .. } => RunState::Running,
+            Directive::Pace { .. } => RunState::Throttled,
+            Directive::Drain { .. } => RunState::Draining,
+            Directive::Paused { .. } => RunState::Paused,
+        }
+    }
+
+    /// Whether experts compute in this state.
+    pub fn is_working(self) -> bool {
+        matches!(self, RunState::Running | RunState::Throttled)
+    }
+}
+
+/// One joined experiment, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostedStatus {
+    /// The experiment's id.
+    pub id: String,
+    /// Its title.
+    pub title: String,
+    /// The publisher's key fingerprint.
+    pub publisher: Option<String>,
+    /// The hosted experts' uids.
+    pub uids: Vec<String>,
+    /// Forward rows computed since joined (this run of the node).
+    pub forward_samples: u64,
+    /// Backward rows computed since joined.
+    pub backward_samples: u64,
+    /// Optimizer steps the experts have taken (including those restored from checkpoints).
+    pub optimizer_steps: u64,
+    /// Rows waiting in the runtime's queues now.
+    pub queued_rows: usize,
+    /// Whether the runtime accepts new work (its gate is not `Stop`).
+    pub accepting: bool,
+    /// Whether the declarations and the roster entry are withdrawn (paused).
+    pub withdrawn: bool,
+}
+
+/// The node's state for the UI (serializable as JSON for the app and the daemon's API).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeStatus {
+    /// What the node does.
+    pub state: RunState,
+    /// Why, in words (the governor's reason).
+    pub reason: String,
+    /// When this is expected to change on its own (unix seconds), if known.
+    pub until: Option<f64>,
+    /// The governor's directive in full.
+    pub directive: Directive,
+    /// The joined experiments.
+    pub experiments: Vec<HostedStatus>,
+    /// This node's peer id (base58).
+    pub peer_id: String,
+    /// Its listening multiaddrs, with `/p2p/`.
+    pub maddrs: Vec<String>,
+    /// DHT peers in the routing table.
+    pub peers: usize,
+    /// The governor's latest readings.
+    #[serde(serialize_with = "serialize_sample")]
+    pub telemetry: Option<Arc<Sample>>,
+}
+
+fn serialize_sample<S: Serializer>(sample: &Option<Arc<Sample>>, s: S) -> Result<S::Ok, S::Error> {
+    sample.as_deref().serialize(s)
+}
+
+/// Something that happened, for notifications and logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum NodeEvent {
+    /// An experiment was joined.
+    Joined {
+        /// The experiment's id.
+        id: String,
+        /// The hosted uids.
+        uids: Vec<String>,
+    },
+    /// An experiment was left.
+    Left {
+        /// The experiment's id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// Work stopped (paused or draining).
+    Paused {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Work started again.
+    Resumed {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Something failed in the background.
+    Error {
+        /// What, in words.
+        message: String,
+    },
+    /// Something worth telling the user.
+    Notice {
+        /// What, in words.
+        message: String,
+    },
+}
