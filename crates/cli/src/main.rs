@@ -13,6 +13,7 @@ mod dht;
 mod experiments;
 mod json;
 mod keys;
+mod node;
 mod output;
 mod server;
 mod swarm;
@@ -57,6 +58,8 @@ enum Command {
     Experiments(experiments::ExperimentsArgs),
     /// Sign an experiment's manifest and keep it in the DHT's catalog until interrupted.
     Publish(Box<experiments::PublishArgs>),
+    /// The volunteer node without a window (what the desktop app embeds).
+    Node(node::NodeArgs),
     /// Publisher keys that sign experiment manifests.
     Keys(keys::KeysArgs),
     /// Benchmarks measured the way hivemind's benchmark scripts measure.
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Command::Server(args) => server::run(*args, &out).await,
             Command::Experiments(args) => experiments::run(args, &out).await,
             Command::Publish(args) => experiments::publish(*args, &out).await,
+            Command::Node(args) => node::run(args, &out).await,
             Command::Train(args) => train::run(*args, &out).await,
             Command::Keys(args) => keys::run(args, &out),
             Command::Bench(args) => bench::run(args, &out).await,

@@ -730,3 +730,61 @@ fn hivemind_reads_the_catalog() {
     let kept: Value = serde_json::from_str(again["value"][subkey].as_str().unwrap()).unwrap();
     assert_eq!(kept["manifest"]["title"], TITLE);
 }
+
+/// `apiary node run`: the headless volunteer node joins a published experiment, works (a first run starts
+/// paused; `--resume` starts it), reports its status and events, and leaves cleanly on SIGTERM while
+/// remembering what it joined.
+#[test]
+fn node_run_joins_and_hosts_until_terminated() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node-data");
+    let key = dir.path().join("publisher.key");
+    let (_public, fp) = new_key(&key);
+    let id = "cli-node-grid";
+    let path = dir.path().join("experiment.toml");
+    std::fs::write(&path, manifest(id, "")).unwrap();
+    let (_publisher, ready) = publish(&path, &key, None, id, &fp);
+    let boot = ready["maddrs"][0].as_str().unwrap().to_owned();
+
+    let config = dir.path().join("node.toml");
+    let mut node = Proc::spawn(&[
+        "node",
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--host-maddrs",
+        LOOPBACK,
+        "--initial-peers",
+        &boot,
+        "--join",
+        id,
+        "--resume",
+    ]);
+    let ready = node.ready(Duration::from_secs(60));
+    assert_eq!(ready["state"], "paused", "a first run starts paused: {ready}");
+    // --resume comes first, then the join
+    node.wait_for(Duration::from_secs(30), "working status", |l| {
+        l["event"] == "status" && (l["state"] == "running" || l["state"] == "throttled")
+    });
+    let joined = node.wait_for(Duration::from_secs(60), "joined event", |l| {
+        l["event"] == "joined"
+    });
+    let uids = joined["uids"].as_array().unwrap();
+    assert!(!uids.is_empty() && uids.len() as u64 <= GRID_EXPERTS, "{joined}");
+    // the experiment's roster now lists this node
+    let listed = poll(Duration::from_secs(30), "a volunteer in the catalog", || {
+        let l = list(Some(&boot), dir.path().join("browse").to_str().unwrap());
+        card(&l, id, "dht").filter(|c| c["volunteers"] == 1).cloned()
+    });
+    assert_eq!(listed["covered"].as_u64().unwrap(), uids.len() as u64);
+
+    let status = node.terminate(Duration::from_secs(60));
+    assert!(status.success(), "apiary node run exits 0 on SIGTERM: {status:?}");
+    let remembered = std::fs::read_to_string(data.join("joined.json")).unwrap();
+    assert!(remembered.contains(id), "{remembered}");
+    // left cleanly: the roster entry is withdrawn at once
+    let after = list(Some(&boot), dir.path().join("browse").to_str().unwrap());
+    assert_eq!(card(&after, id, "dht").unwrap()["volunteers"], 0, "{after}");
+}
