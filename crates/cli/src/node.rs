@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use apiary_governor::Probes;
-use apiary_node::{JoinOptions, Node, NodeConfig, NodeHandle, RunState};
+use apiary_node::{ApiConfig, JoinOptions, Node, NodeConfig, NodeHandle, RunState};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -44,6 +44,16 @@ struct RunArgs {
     /// Start working now (a first run starts paused, as the desktop app's wizard asks first).
     #[arg(long)]
     resume: bool,
+    /// Where the local HTTP/WebSocket API (for the dashboard in a browser) listens; loopback by default.
+    /// Requests carry the token kept in `<data dir>/api-token`.
+    #[arg(long, default_value_t = apiary_node::api::DEFAULT_BIND)]
+    api_bind: std::net::SocketAddr,
+    /// Serve no local API.
+    #[arg(long)]
+    no_api: bool,
+    /// Serve the built dashboard (`ui/dist`) from this folder at the API's address.
+    #[arg(long)]
+    ui_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
@@ -70,7 +80,37 @@ async fn run_node(args: RunArgs, out: &Output) -> Result<()> {
     let node = Node::spawn(config, Probes::platform())
         .await
         .context("starting the node")?;
+    let api = if args.no_api {
+        None
+    } else {
+        let config = ApiConfig {
+            bind: args.api_bind,
+            ui_dir: args.ui_dir,
+            ..ApiConfig::default()
+        };
+        match apiary_node::api::serve(node.clone(), config).await {
+            Ok(api) => Some(api),
+            Err(e) => {
+                node.shutdown().await.ok();
+                return Err(e).context("starting the local API (--api-bind, or --no-api)");
+            }
+        }
+    };
+    if let Some(api) = &api {
+        let token_file = node.data_dir().join(apiary_node::api::TOKEN_FILE);
+        out.event(
+            json!({ "event": "api", "url": format!("http://{}/", api.addr()), "token_file": token_file }),
+        );
+        out.say(&format!(
+            "local API on http://{}/ (token in {})",
+            api.addr(),
+            token_file.display()
+        ));
+    }
     let result = serve(&node, &args.join, args.resume, out).await;
+    if let Some(api) = api {
+        api.shutdown().await;
+    }
     node.shutdown().await.context("stopping the node")?;
     out.say("node stopped");
     result

@@ -761,9 +761,23 @@ fn node_run_joins_and_hosts_until_terminated() {
         "--join",
         id,
         "--resume",
+        "--api-bind",
+        "127.0.0.1:0",
     ]);
+    let api = node.wait_for(Duration::from_secs(60), "api line", |l| l["event"] == "api");
+    let token_file = std::path::PathBuf::from(api["token_file"].as_str().unwrap());
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.trim().len(), 64, "a 32-byte hex token");
+    assert!(
+        api["url"].as_str().unwrap().starts_with("http://127.0.0.1:"),
+        "{api}"
+    );
     let ready = node.ready(Duration::from_secs(60));
     assert_eq!(ready["state"], "paused", "a first run starts paused: {ready}");
+    assert!(
+        !format!("{api}{ready}").contains(token.trim()),
+        "the token never goes to stdout"
+    );
     // --resume comes first, then the join
     node.wait_for(Duration::from_secs(30), "working status", |l| {
         l["event"] == "status" && (l["state"] == "running" || l["state"] == "throttled")

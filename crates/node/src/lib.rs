@@ -43,9 +43,15 @@
 //! `ledger.sqlite` (the ledger), `policy-state.json` (the governor's state), `joined.json` (the
 //! joined experiments, re-joined at the next start once the catalog lists them: the node retries
 //! for [`REJOIN_PATIENCE`]), `checkpoints/` (the experts' weights, saved every update period and
-//! on leave).
+//! on leave), `api-token` (the local API's token, see [`api`]).
+//!
+//! # Local API
+//!
+//! [`api::serve`] serves the node's local HTTP/WebSocket API (loopback only by default, behind a
+//! token): what the dashboard in a browser uses for a headless node.
 #![deny(missing_docs)]
 
+pub mod api;
 mod config;
 mod engine;
 mod error;
@@ -68,6 +74,7 @@ use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use api::{ApiConfig, ApiServer};
 pub use config::{CONFIG_FILE, ConfigError, NodeConfig, planning_mode};
 pub use error::NodeError;
 pub use machine::local_profile;

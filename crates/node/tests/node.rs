@@ -11,108 +11,25 @@ use std::time::{Duration, Instant};
 use apiary_catalog::bundled::{LOCAL_DEMO_ID, layer_prefix, local_demo};
 use apiary_catalog::swarm::{Publication, rosters, validator};
 use apiary_catalog::{Manifest, SignedManifest, Source, fingerprint};
-use apiary_dht::validation::CompositeValidator;
-use apiary_dht::{Dht, DhtConfig, DhtHandle};
-use apiary_governor::probe::{
-    ActivityProbe, ActivitySample, FixedGpu, FixedPower, FixedSystem, PowerSample, Reading,
-};
-use apiary_governor::{Mode, PolicyConfig, Probes, Sample};
+use apiary_dht::DhtHandle;
+use apiary_governor::{Mode, PolicyConfig};
 use apiary_ledger::Filter;
 use apiary_moe::beam::{BeamSearchConfig, MoEBeamSearcher};
 use apiary_moe::moe::{MoeConfig, RemoteMixtureOfExperts};
-use apiary_moe::transport::{ExpertAddr, ExpertTransport, P2pTransport, TransportConfig};
+use apiary_moe::transport::{ExpertAddr, ExpertTransport};
 use apiary_node::{JoinOptions, Node, NodeConfig, NodeError, NodeEvent, NodeHandle, RunState};
-use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, PeerId};
+use apiary_p2p::PeerId;
 use apiary_wire::signature::RsaPrivateKey;
 use candle_core::{Device, Tensor, Var};
 use tokio::sync::broadcast;
+
+mod common;
+use common::{Peer, User, probes, unix_now, wait_for};
 
 const HIDDEN: usize = 16;
 /// One MoE layer of a 2×2 grid: the manifest's grid is `[1, 2, 2]`, four experts.
 const GRID: [usize; 2] = [2, 2];
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// The user, as the activity probe sees them: `true` = using the PC.
-#[derive(Debug, Clone)]
-struct User(Arc<AtomicBool>);
-
-impl ActivityProbe for User {
-    fn sample(&mut self) -> ActivitySample {
-        if self.0.load(Ordering::SeqCst) {
-            ActivitySample::idle(0.0)
-        } else {
-            ActivitySample::idle(100_000.0)
-        }
-    }
-}
-
-fn probes(user: &User) -> Probes {
-    Probes {
-        activity: Box::new(user.clone()),
-        gpu: Box::new(FixedGpu(Reading::Unknown("no GPU in tests"))),
-        power: Box::new(FixedPower(PowerSample {
-            on_ac: Reading::Known(true),
-            battery_percent: Reading::Unknown("a desktop"),
-        })),
-        system: Box::new(FixedSystem(Sample::unknown(0.0).system)),
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-async fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match probe().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                start.elapsed() < timeout,
-                "timed out after {:.1?} waiting for {what}; last seen: {last}",
-                start.elapsed()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A plain swarm node on 127.0.0.1.
-struct Peer {
-    p2p: P2pHandle,
-    dht: DhtHandle,
-    addr: Multiaddr,
-}
-
-impl Peer {
-    async fn spawn(bootstrap: &[Multiaddr], validator: CompositeValidator) -> Peer {
-        let (p2p, _task) = Host::spawn(P2pConfig::default()).unwrap();
-        let addr = p2p.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).await.unwrap();
-        let addr = addr.with_p2p(p2p.local_peer_id()).unwrap();
-        let dht = Dht::spawn_with_validator(p2p.clone(), DhtConfig::default(), bootstrap.to_vec(), validator)
-            .await
-            .unwrap();
-        Peer { p2p, dht, addr }
-    }
-
-    fn transport(&self) -> Arc<dyn ExpertTransport> {
-        Arc::new(P2pTransport::new(
-            self.p2p.clone(),
-            TransportConfig {
-                info_timeout: Duration::from_secs(10),
-                forward_timeout: Duration::from_secs(10),
-                backward_timeout: Duration::from_secs(10),
-            },
-        ))
-    }
-
-    async fn stop(&self) {
-        self.dht.shutdown().await;
-        self.p2p.shutdown().await;
-    }
-}
 
 /// A bootstrap node and a publisher publishing the local demo (one layer of a 2×2 grid).
 struct Swarm {
