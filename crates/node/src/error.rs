@@ -33,6 +33,16 @@ pub enum NodeError {
     /// The p2p host failed.
     #[error("p2p host: {0}")]
     P2p(#[from] apiary_p2p::HostError),
+    /// The node's identity file exists but cannot be read; it is never replaced silently (its peer id is
+    /// how the swarm knows this volunteer).
+    #[error("the node's identity {path} is unreadable ({source}); move it away to start with a new identity")]
+    Identity {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: apiary_p2p::identity::IdentityError,
+    },
     /// The expert RPCs could not be registered.
     #[error("registering the expert RPCs: {0}")]
     Register(#[from] apiary_p2p::InvalidName),

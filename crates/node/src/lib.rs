@@ -142,7 +142,9 @@ impl Node {
         let initial_state = read_policy_state(&data_dir, config.start_paused)?;
         let ledger = Ledger::open(LedgerConfig::new(data_dir.join(apiary_ledger::FILE_NAME)))?;
 
+        let keypair = identity(&data_dir)?;
         let (p2p, _host_task) = Host::spawn(P2pConfig {
+            keypair: Some(keypair),
             listen_addrs: listen,
             ..P2pConfig::default()
         })?;
@@ -694,3 +696,27 @@ fn unix_seconds() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// The node's libp2p identity, `<data_dir>/identity.key` (libp2p's protobuf format): loaded, or made
+/// (ed25519) and saved on the first start, so the peer id — how trainers and rosters know this
+/// volunteer — survives restarts. An unreadable file is an error, never replaced.
+fn identity(data_dir: &Path) -> Result<apiary_p2p::Keypair, NodeError> {
+    let path = data_dir.join(IDENTITY_FILE);
+    if path.exists() {
+        return apiary_p2p::identity::load(&path).map_err(|source| NodeError::Identity { path, source });
+    }
+    let keypair = apiary_p2p::Keypair::generate_ed25519();
+    apiary_p2p::identity::save(&keypair, &path).map_err(|source| NodeError::Identity {
+        path: path.clone(),
+        source,
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(keypair)
+}
+
+/// The identity file's name in the data folder.
+pub const IDENTITY_FILE: &str = "identity.key";

@@ -526,8 +526,9 @@ async fn snooze_survives_a_restart_and_config_round_trips() {
     assert_eq!(node.config().policy.mode, Mode::Max);
     node.shutdown().await.unwrap();
 
-    // a restart: still snoozed, until the same time
+    // a restart: still snoozed, until the same time, and the same peer id (the identity is kept)
     let node = Node::spawn_from(&path, probes(&user)).await.unwrap();
+    assert_eq!(node.status().borrow().peer_id, first.peer_id, "the node keeps its identity");
     let mut status = node.status();
     let again = wait_for("the restored snooze", Duration::from_secs(5), async || {
         let s = status.borrow_and_update().clone();
@@ -654,4 +655,23 @@ async fn joining_twice_or_unknown_is_a_clear_error() {
     assert!(matches!(err, NodeError::NotJoined(_)), "{err:?}");
     node.shutdown().await.unwrap();
     swarm.stop().await;
+}
+
+/// The node's identity lives in the data folder; an unreadable identity file stops the start with the
+/// file named, and is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_identity_is_reported_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(apiary_node::IDENTITY_FILE);
+    std::fs::write(&path, b"not a key").unwrap();
+    let config = NodeConfig {
+        data_dir: dir.path().to_owned(),
+        listen_maddrs: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        initial_peers: Vec::new(),
+        ..NodeConfig::default()
+    };
+    let err = Node::spawn(config, probes(&User::default())).await.unwrap_err();
+    assert!(matches!(err, NodeError::Identity { .. }), "{err:?}");
+    assert!(err.to_string().contains("identity.key"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a key");
 }
