@@ -528,7 +528,11 @@ async fn snooze_survives_a_restart_and_config_round_trips() {
 
     // a restart: still snoozed, until the same time, and the same peer id (the identity is kept)
     let node = Node::spawn_from(&path, probes(&user)).await.unwrap();
-    assert_eq!(node.status().borrow().peer_id, first.peer_id, "the node keeps its identity");
+    assert_eq!(
+        node.status().borrow().peer_id,
+        first.peer_id,
+        "the node keeps its identity"
+    );
     let mut status = node.status();
     let again = wait_for("the restored snooze", Duration::from_secs(5), async || {
         let s = status.borrow_and_update().clone();
