@@ -56,8 +56,14 @@ pub enum PublishError {
 pub struct Publication {
     id: String,
     owner: RsaPublicKey,
-    entry: KeptRecord,
-    refresher: Refresher,
+    dht: DhtHandle,
+    period: Duration,
+    ttl: Duration,
+    /// Keeps the catalog entry alive.
+    entry: Refresher,
+    /// Keeps the status record alive, once one is set: a status update stores (and signs) only the
+    /// status, never the manifest again.
+    status: tokio::sync::Mutex<Option<Refresher>>,
 }
 
 impl Publication {
@@ -77,7 +83,7 @@ impl Publication {
             subkey: Some(Value::Str(owned_subkey(&manifest.id, &owner))),
             value: catalog_value(signed)?,
         };
-        let (refresher, stored) = Refresher::start(dht, vec![entry.clone()], period, ttl).await;
+        let (refresher, stored) = Refresher::start(dht.clone(), vec![entry], period, ttl).await;
         if stored == 0 {
             drop(refresher);
             return Err(PublishError::NotStored);
@@ -85,8 +91,11 @@ impl Publication {
         Ok(Self {
             id: manifest.id.clone(),
             owner,
-            entry,
-            refresher,
+            dht,
+            period,
+            ttl,
+            entry: refresher,
+            status: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -95,19 +104,31 @@ impl Publication {
         &self.id
     }
 
-    /// Publishes `status` beside the entry (refreshed with it); returns how many records were stored.
+    /// Publishes `status` beside the entry (refreshed like it); returns how many records were stored.
     pub async fn set_status(&self, status: &StatusRecord) -> usize {
-        let status = KeptRecord {
+        let record = KeptRecord {
             key: Value::str(STATUS_KEY),
             subkey: Some(Value::Str(owned_subkey(&self.id, &self.owner))),
             value: status.to_value(),
         };
-        self.refresher.set(vec![self.entry.clone(), status]).await
+        let mut slot = self.status.lock().await;
+        match slot.as_ref() {
+            Some(refresher) => refresher.set(vec![record]).await,
+            None => {
+                let (refresher, stored) =
+                    Refresher::start(self.dht.clone(), vec![record], self.period, self.ttl).await;
+                *slot = Some(refresher);
+                stored
+            }
+        }
     }
 
     /// Removes the entry (and status) from the catalog.
     pub async fn withdraw(self) {
-        self.refresher.withdraw().await;
+        if let Some(status) = self.status.into_inner() {
+            status.withdraw().await;
+        }
+        self.entry.withdraw().await;
     }
 }
 
