@@ -778,13 +778,21 @@ fn node_run_joins_and_hosts_until_terminated() {
         !format!("{api}{ready}").contains(token.trim()),
         "the token never goes to stdout"
     );
-    // --resume comes first, then the join
-    node.wait_for(Duration::from_secs(30), "working status", |l| {
-        l["event"] == "status" && (l["state"] == "running" || l["state"] == "throttled")
+    // --resume comes first, then the join; the node prints the status change and the joined event in
+    // either order
+    let working =
+        |l: &Value| l["event"] == "status" && (l["state"] == "running" || l["state"] == "throttled");
+    let first = node.wait_for(Duration::from_secs(60), "working status or joined event", |l| {
+        working(l) || l["event"] == "joined"
     });
-    let joined = node.wait_for(Duration::from_secs(60), "joined event", |l| {
-        l["event"] == "joined"
-    });
+    let joined = if working(&first) {
+        node.wait_for(Duration::from_secs(60), "joined event", |l| {
+            l["event"] == "joined"
+        })
+    } else {
+        node.wait_for(Duration::from_secs(60), "working status", working);
+        first
+    };
     let uids = joined["uids"].as_array().unwrap();
     assert!(!uids.is_empty() && uids.len() as u64 <= GRID_EXPERTS, "{joined}");
     // the experiment's roster now lists this node
