@@ -118,6 +118,53 @@ pub fn compare(joined: &Manifest, latest: &Manifest) -> Change {
     }
 }
 
+/// What a volunteer does about a joined experiment after reading the catalog again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep hosting.
+    Keep,
+    /// The catalog entry is gone (its publisher may be offline): keep hosting until the joined
+    /// manifest expires. `first` is true on the first check that misses it (tell the user once).
+    Vanished {
+        /// Whether the previous check still saw it.
+        first: bool,
+    },
+    /// Stop hosting, for this reason (in words, for the user).
+    Leave(String),
+}
+
+/// Follows one joined experiment's catalog entry from check to check (see [`ManifestWatch::check`]).
+#[derive(Debug, Clone, Default)]
+pub struct ManifestWatch {
+    vanished: bool,
+}
+
+impl ManifestWatch {
+    /// Judges the joined manifest against the `latest` one the catalog lists under the same id and
+    /// publisher (`None`: not listed) at `now` (unix seconds): an expired manifest, a finished
+    /// experiment or changed experts end the hosting; a missing entry does not, until expiry.
+    pub fn check(&mut self, joined: &Manifest, latest: Option<&Manifest>, now: u64) -> Verdict {
+        if now >= joined.expires {
+            return Verdict::Leave("its manifest expired".into());
+        }
+        let Some(latest) = latest else {
+            let first = !self.vanished;
+            self.vanished = true;
+            return Verdict::Vanished { first };
+        };
+        self.vanished = false;
+        match compare(joined, latest) {
+            Change::Unchanged | Change::Updated => Verdict::Keep,
+            Change::Finished => Verdict::Leave("the publisher marked the experiment finished".into()),
+            Change::SpecChanged { what } => Verdict::Leave(format!(
+                "the publisher changed {} (the hosted experts no longer belong to it; their checkpoints \
+                 are kept)",
+                what.join(", ")
+            )),
+        }
+    }
+}
+
 /// A short digest of what the experts are (kind, dims, dtype, seed, training, prefix, grid): checkpoints
 /// of one spec never load into another.
 pub fn spec_digest(manifest: &Manifest) -> String {

@@ -22,7 +22,7 @@ pub mod swarm;
 
 pub use browse::{Card, Source, cards};
 pub use fit::{Fit, FitLevel, GpuProfile, MachineProfile, Mode, Placement, expert_memory_mb, fit};
-pub use hosting::{Change, Hosting, HostingConfig, JoinError};
+pub use hosting::{Change, Hosting, HostingConfig, JoinError, ManifestWatch, Verdict};
 pub use manifest::{
     ExpertSpec, Manifest, ManifestSignature, OptimizerSpec, Publisher, Rejection, Requirements, ScheduleSpec,
     SignedManifest, Status,

@@ -47,6 +47,9 @@ pub enum PublishError {
          the publisher's key"
     )]
     NotStored,
+    /// An update names another experiment or another publisher than the publication.
+    #[error("an update must keep the experiment's id and publisher key")]
+    NotTheSameExperiment,
 }
 
 /// A published experiment: its catalog entry (and status, once set) refreshed until withdrawn.
@@ -102,6 +105,23 @@ impl Publication {
     /// The experiment's id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Replaces the published manifest with `signed`, a newer version of the same experiment (same
+    /// id, same publisher): for example marked finished, or with a new summary. Returns how many
+    /// records were stored.
+    pub async fn update(&self, signed: &SignedManifest, now: u64) -> Result<usize, PublishError> {
+        let manifest = signed.verify(now)?;
+        let owner = manifest.publisher_key()?;
+        if manifest.id != self.id || owner != self.owner {
+            return Err(PublishError::NotTheSameExperiment);
+        }
+        let entry = KeptRecord {
+            key: Value::str(CATALOG_KEY),
+            subkey: Some(Value::Str(owned_subkey(&manifest.id, &owner))),
+            value: catalog_value(signed)?,
+        };
+        Ok(self.entry.set(vec![entry]).await)
     }
 
     /// Publishes `status` beside the entry (refreshed like it); returns how many records were stored.

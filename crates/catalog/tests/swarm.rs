@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apiary_catalog::bundled::{self, LOCAL_DEMO_ID, layer_prefix};
-use apiary_catalog::hosting::{compare, spec_digest, uid_seed};
+use apiary_catalog::hosting::{ManifestWatch, Verdict, compare, spec_digest, uid_seed};
 use apiary_catalog::manifest::Rejection;
 use apiary_catalog::records::{CATALOG_KEY, EntryError, STATUS_KEY, catalog_value, owned_subkey};
 use apiary_catalog::swarm::{Publication, fetch, rosters, validator};
@@ -755,6 +755,41 @@ async fn joining_twice_and_spec_changes_have_clear_outcomes() {
     );
     for changed in [&wider, &bigger, &faster] {
         assert_ne!(spec_digest(changed), spec_digest(&manifest));
+    }
+    // the verdicts a hosting volunteer acts on, check after check
+    let mut watch = ManifestWatch::default();
+    let now = manifest.created + 10;
+    assert_eq!(watch.check(&manifest, Some(&summary), now), Verdict::Keep);
+    assert_eq!(
+        watch.check(&manifest, None, now),
+        Verdict::Vanished { first: true }
+    );
+    assert_eq!(
+        watch.check(&manifest, None, now),
+        Verdict::Vanished { first: false }
+    );
+    assert_eq!(watch.check(&manifest, Some(&manifest), now), Verdict::Keep);
+    assert_eq!(
+        watch.check(&manifest, None, now),
+        Verdict::Vanished { first: true },
+        "told again after it came back"
+    );
+    match watch.check(&manifest, Some(&finished), now) {
+        Verdict::Leave(why) => assert!(why.contains("finished"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    match watch.check(&manifest, Some(&wider), now) {
+        Verdict::Leave(why) => assert!(
+            why.contains("the expert") && why.contains("checkpoints are kept"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    for latest in [None, Some(&manifest)] {
+        assert_eq!(
+            watch.check(&manifest, latest, manifest.expires),
+            Verdict::Leave("its manifest expired".into())
+        );
     }
 
     // checkpoints: join with a checkpoint folder, train one step, leave, re-join

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use apiary_catalog::hosting::compare;
+use apiary_catalog::hosting::{ManifestWatch, Verdict};
 use apiary_catalog::swarm::{DEFAULT_PERIOD, fetch, validator};
 use apiary_catalog::{
-    Card, Change, Coverage, DhtCatalog, Hosting, HostingConfig, JoinPlan, Listing, Manifest, Mode,
-    Publication, SignedManifest, Source, bundled, cards, fingerprint, plan, tie_break_of,
+    Card, Coverage, DhtCatalog, Hosting, HostingConfig, JoinPlan, Listing, Manifest, Mode, Publication,
+    SignedManifest, Source, bundled, cards, fingerprint, plan, tie_break_of,
 };
 use apiary_dht::DhtHandle;
 use apiary_dht::validation::CompositeValidator;
@@ -534,7 +534,7 @@ async fn watch(
     let signal = crate::shutdown_signal();
     tokio::pin!(signal);
     let mut next_check = Instant::now() + period;
-    let mut vanished_since: Option<Instant> = None;
+    let mut watch = ManifestWatch::default();
     loop {
         tokio::select! {
             _ = &mut signal => return "interrupted".into(),
@@ -553,43 +553,27 @@ async fn watch(
             "backward_samples": bwd, "optimizer_steps": steps,
         }));
         let now = unix_now();
-        if now >= joined.expires {
-            return "its manifest expired".into();
-        }
-        let latest = match fetch(dht, now).await {
-            Ok(c) => c
-                .listings
-                .into_iter()
-                .find(|l| l.manifest().id == joined.id && l.manifest().publisher == joined.publisher),
-            Err(e) => {
-                tracing::warn!("could not read the catalog: {e}");
-                continue;
+        let latest = if now >= joined.expires {
+            None
+        } else {
+            match fetch(dht, now).await {
+                Ok(c) => c
+                    .listings
+                    .into_iter()
+                    .find(|l| l.manifest().id == joined.id && l.manifest().publisher == joined.publisher),
+                Err(e) => {
+                    tracing::warn!("could not read the catalog: {e}");
+                    continue;
+                }
             }
         };
-        match latest {
-            None => {
-                let since = *vanished_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < period {
-                    out.say(
-                        "the experiment's catalog entry is gone from the DHT (its publisher may be offline); \
-                         hosting on until its manifest expires",
-                    );
-                }
-            }
-            Some(l) => {
-                vanished_since = None;
-                match compare(joined, l.manifest()) {
-                    Change::Unchanged | Change::Updated => {}
-                    Change::Finished => return "the publisher marked the experiment finished".into(),
-                    Change::SpecChanged { what } => {
-                        return format!(
-                            "the publisher changed {} (the hosted experts no longer belong to it; their \
-                             checkpoints are kept)",
-                            what.join(", ")
-                        );
-                    }
-                }
-            }
+        match watch.check(joined, latest.as_ref().map(|l| l.manifest()), now) {
+            Verdict::Keep | Verdict::Vanished { first: false } => {}
+            Verdict::Vanished { first: true } => out.say(
+                "the experiment's catalog entry is gone from the DHT (its publisher may be offline); \
+                 hosting on until its manifest expires",
+            ),
+            Verdict::Leave(why) => return why,
         }
     }
 }

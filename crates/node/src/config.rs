@@ -30,6 +30,12 @@ pub struct NodeConfig {
     /// (a float in TOML). Default 30 s; declarations live two periods (at least 3 s).
     #[serde(with = "seconds")]
     pub update_period: Duration,
+    /// How often the joined experiments' catalog entries are read again, in seconds (a float in
+    /// TOML): an experiment its publisher marked finished, or whose experts changed, is left (with
+    /// its checkpoints kept); one whose entry vanished is hosted until its manifest expires.
+    /// Default 60 s.
+    #[serde(with = "seconds")]
+    pub catalog_check_period: Duration,
     /// Start paused when there is no saved policy state yet (the first run): the UI asks the user
     /// before the node computes anything. A saved state (a snooze, a pause, a resume) always wins.
     /// Default true.
@@ -51,6 +57,7 @@ impl Default for NodeConfig {
             initial_peers: apiary_catalog::bundled::bootstrap_peers(),
             client_mode: false,
             update_period: Duration::from_secs(30),
+            catalog_check_period: Duration::from_secs(60),
             start_paused: true,
             max_experts: None,
             policy: PolicyConfig::default(),

@@ -93,6 +93,8 @@ pub(crate) enum Command {
         command: GovernorCommand,
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
+    /// The manifests of the joined experiments.
+    Manifests { reply: oneshot::Sender<Vec<Manifest>> },
     /// Leaves everything and stops.
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -306,6 +308,9 @@ impl Engine {
                     None => Err(NodeError::NotJoined(id)),
                 };
                 let _ = reply.send(result);
+            }
+            Command::Manifests { reply } => {
+                let _ = reply.send(st.joined.values().map(|j| j.hosting.manifest().clone()).collect());
             }
             Command::Governor { command, reply } => {
                 let _ = reply.send(self.governor_command(command));

@@ -58,13 +58,15 @@ mod error;
 mod machine;
 mod status;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use apiary_catalog::swarm::{DhtCatalog, Listing, fetch, validator};
 use apiary_catalog::{
-    Card, Coverage, Hosting, HostingConfig, JoinPlan, bundled, cards, fingerprint, plan, tie_break_of,
+    Card, Coverage, Hosting, HostingConfig, JoinPlan, ManifestWatch, Verdict, bundled, cards, fingerprint,
+    plan, tie_break_of,
 };
 use apiary_dht::{Dht, DhtConfig, DhtHandle};
 use apiary_expert::server::ExpertServer;
@@ -234,6 +236,7 @@ impl Node {
         if !rejoin.is_empty() {
             tokio::spawn(rejoin_all(handle.clone(), rejoin));
         }
+        tokio::spawn(watch_catalog(Arc::downgrade(&handle.inner)));
         Ok(handle)
     }
 }
@@ -298,6 +301,71 @@ fn read_joined(data_dir: &Path) -> Vec<JoinedRecord> {
 
 /// Re-joins the experiments joined before the last shutdown, retrying while the catalog does not
 /// list them yet (the DHT fills in after the bootstrap), for at most [`REJOIN_PATIENCE`].
+/// Reads the joined experiments' catalog entries again every `catalog_check_period` and leaves those
+/// whose publisher finished them or changed their experts, or whose manifest expired. Holds the node
+/// weakly: it ends when the node stops or every handle is gone.
+async fn watch_catalog(node: std::sync::Weak<Inner>) {
+    let mut watches: BTreeMap<String, ManifestWatch> = BTreeMap::new();
+    loop {
+        let Some(period) = node
+            .upgrade()
+            .map(|inner| inner.config.borrow().catalog_check_period)
+        else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(inner) = node.upgrade() else {
+            return;
+        };
+        let handle = NodeHandle { inner };
+        let Ok(joined) = handle.request(|reply| Command::Manifests { reply }).await else {
+            return;
+        };
+        watches.retain(|id, _| joined.iter().any(|m| &m.id == id));
+        if joined.is_empty() {
+            continue;
+        }
+        let now = unix_seconds();
+        let catalog = match fetch(&handle.inner.dht, now).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot read the catalog to check the joined experiments: {e}");
+                continue;
+            }
+        };
+        for manifest in joined {
+            let latest = catalog
+                .listings
+                .iter()
+                .map(Listing::manifest)
+                .find(|m| m.id == manifest.id && m.publisher == manifest.publisher);
+            let verdict = watches
+                .entry(manifest.id.clone())
+                .or_default()
+                .check(&manifest, latest, now);
+            match verdict {
+                Verdict::Keep | Verdict::Vanished { first: false } => {}
+                Verdict::Vanished { first: true } => handle.emit(NodeEvent::Notice {
+                    message: format!(
+                        "the catalog entry of `{}` is gone from the DHT (its publisher may be offline); \
+                         hosting it until its manifest expires",
+                        manifest.id
+                    ),
+                }),
+                Verdict::Leave(why) => {
+                    tracing::info!(experiment = %manifest.id, reason = %why, "leaving");
+                    match handle.leave_because(&manifest.id, why).await {
+                        Ok(()) | Err(NodeError::NotJoined(_)) => {}
+                        Err(e) => handle.emit(NodeEvent::Error {
+                            message: format!("could not leave `{}`: {e}", manifest.id),
+                        }),
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn rejoin_all(node: NodeHandle, mut pending: Vec<JoinedRecord>) {
     let deadline = tokio::time::Instant::now() + REJOIN_PATIENCE;
     while !pending.is_empty() {
@@ -604,6 +672,11 @@ impl NodeHandle {
     /// Leaves `id`: the roster entry and the declarations are withdrawn first, in-flight work
     /// finishes, checkpoints are saved, the experts stop. Emits [`NodeEvent::Left`].
     pub async fn leave(&self, id: &str) -> Result<(), NodeError> {
+        self.leave_because(id, "you left".into()).await
+    }
+
+    /// Leaves `id` as [`NodeHandle::leave`] does; the `Left` event carries `reason`.
+    async fn leave_because(&self, id: &str, reason: String) -> Result<(), NodeError> {
         let node = self.clone();
         let id = id.to_owned();
         tokio::spawn(async move {
@@ -618,10 +691,7 @@ impl NodeHandle {
                 &last,
                 apiary_ledger::unix_now(),
             );
-            node.emit(NodeEvent::Left {
-                id,
-                reason: "you left".into(),
-            });
+            node.emit(NodeEvent::Left { id, reason });
             Ok(())
         })
         .await

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use apiary_catalog::bundled::{LOCAL_DEMO_ID, layer_prefix, local_demo};
 use apiary_catalog::swarm::{Publication, rosters, validator};
-use apiary_catalog::{Manifest, SignedManifest, Source, fingerprint};
+use apiary_catalog::{Manifest, SignedManifest, Source, Status, fingerprint};
 use apiary_dht::DhtHandle;
 use apiary_governor::{Mode, PolicyConfig};
 use apiary_ledger::Filter;
@@ -38,6 +38,7 @@ struct Swarm {
     publication: Publication,
     manifest: Manifest,
     fingerprint: String,
+    key: RsaPrivateKey,
 }
 
 impl Swarm {
@@ -66,6 +67,7 @@ impl Swarm {
             publication,
             manifest,
             fingerprint: fingerprint(&key.public_key()),
+            key,
         }
     }
 
@@ -678,4 +680,73 @@ async fn an_unreadable_identity_is_reported_not_replaced() {
     assert!(matches!(err, NodeError::Identity { .. }), "{err:?}");
     assert!(err.to_string().contains("identity.key"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"not a key");
+}
+
+/// The node reads the joined experiment's catalog entry again: a new summary changes nothing, the
+/// publisher marking it finished makes the node leave it (and forget it), and it cannot be joined again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_experiment_is_left() {
+    let swarm = Swarm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let user = User(Arc::new(AtomicBool::new(false)));
+    let config = NodeConfig {
+        catalog_check_period: Duration::from_millis(500),
+        ..swarm.config(dir.path())
+    };
+    let node = Node::spawn(config, probes(&user)).await.unwrap();
+    let mut events = node.events();
+    let options = JoinOptions {
+        max_experts: Some(2),
+        publisher: None,
+    };
+    wait_for("the join", PATIENCE, async || {
+        match node.join(LOCAL_DEMO_ID, options.clone()).await {
+            Ok(p) => Ok(p),
+            Err(NodeError::NotListed(m)) => Err(m),
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await;
+
+    let republish = async |manifest: Manifest| {
+        let signed = SignedManifest::sign(manifest, &swarm.key).unwrap();
+        let stored = swarm.publication.update(&signed, unix_now()).await.unwrap();
+        assert!(stored > 0);
+    };
+    let mut summary = swarm.manifest.clone();
+    summary.summary = "A better summary.".into();
+    republish(summary.clone()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        node.status().borrow().experiments.len(),
+        1,
+        "an updated summary is no reason to leave"
+    );
+
+    let mut finished = summary;
+    finished.status = Status::Finished;
+    republish(finished).await;
+    let mut seen = Vec::new();
+    let left = wait_for(
+        "the node to leave the finished experiment",
+        PATIENCE,
+        async || {
+            drain_events(&mut events, &mut seen);
+            seen.iter()
+                .find_map(|e| match e {
+                    NodeEvent::Left { id, reason } if id == LOCAL_DEMO_ID => Some(reason.clone()),
+                    _ => None,
+                })
+                .ok_or_else(|| format!("{seen:?}"))
+        },
+    )
+    .await;
+    assert!(left.contains("finished"), "{left}");
+    assert!(node.status().borrow().experiments.is_empty());
+    let remembered = std::fs::read_to_string(dir.path().join("joined.json")).unwrap_or_default();
+    assert!(!remembered.contains(LOCAL_DEMO_ID), "forgotten: {remembered}");
+    let err = node.join(LOCAL_DEMO_ID, options).await.unwrap_err();
+    assert!(err.to_string().contains("finished"), "{err}");
+    node.shutdown().await.unwrap();
+    swarm.stop().await;
 }
