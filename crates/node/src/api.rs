@@ -298,6 +298,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/contributions", get(contributions))
         .route("/api/history", get(history))
         .route("/api/export.csv", get(export_csv))
+        .route("/api/log", get(log))
         .fallback(static_files)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -716,6 +717,20 @@ async fn history(State(state): Shared, query: Result<Query<ReportQuery>, QueryRe
     let Query(q) = query?;
     let bucket = q.bucket()?;
     ok_json(&state.node.history(q.filter(), bucket).await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    /// The newest this many (default all the log keeps).
+    limit: Option<usize>,
+}
+
+async fn log(State(state): Shared, query: Result<Query<LogQuery>, QueryRejection>) -> ApiResult {
+    let Query(q) = query?;
+    let events = state.node.recent_events();
+    let skip = q.limit.map_or(0, |n| events.len().saturating_sub(n));
+    ok_json(&events.get(skip..).unwrap_or_default().to_vec())
 }
 
 async fn export_csv(State(state): Shared, query: Result<Query<ReportQuery>, QueryRejection>) -> ApiResult {

@@ -20,11 +20,11 @@ use apiary_governor::{Directive, GovernorHandle, Mode, PolicyConfig, PolicyState
 use apiary_ledger::{Device, Event, LedgerHandle, Pass, estimate_flops, unix_now};
 use apiary_p2p::{P2pHandle, Protocol};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{NodeConfig, write_atomic};
 use crate::error::NodeError;
-use crate::status::{HostedStatus, NodeEvent, NodeStatus, RunState};
+use crate::status::{Events, HostedStatus, NodeEvent, NodeStatus, RunState};
 
 /// Capacity of the engine's command channel.
 pub(crate) const COMMAND_CAPACITY: usize = 32;
@@ -117,7 +117,7 @@ pub(crate) struct Engine {
     pub dht: DhtHandle,
     pub p2p: P2pHandle,
     pub status: watch::Sender<NodeStatus>,
-    pub events: broadcast::Sender<NodeEvent>,
+    pub events: Arc<Events>,
     pub config: watch::Sender<NodeConfig>,
     pub config_path: Option<PathBuf>,
     pub data_dir: PathBuf,
@@ -200,7 +200,7 @@ impl Engine {
     }
 
     fn emit(&self, event: NodeEvent) {
-        let _ = self.events.send(event);
+        self.events.emit(event);
     }
 
     /// Applies a directive: the gates first (no awaits, so compute stops at once), then the

@@ -80,7 +80,8 @@ pub use api::{ApiConfig, ApiServer};
 pub use config::{CONFIG_FILE, ConfigError, NodeConfig, planning_mode};
 pub use error::NodeError;
 pub use machine::local_profile;
-pub use status::{HostedStatus, NodeEvent, NodeStatus, RunState};
+pub use status::{HostedStatus, LoggedEvent, NodeEvent, NodeStatus, RunState};
+use status::Events;
 
 use engine::{Command, Engine, GovernorCommand, JOINED_FILE, JoinedRecord, ManifestRef, POLICY_STATE_FILE};
 
@@ -192,7 +193,7 @@ impl Node {
         let rejoin = read_joined(&data_dir);
 
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let events = Arc::new(Events::new(EVENT_CAPACITY));
         let directive = governor.directive().borrow().clone();
         let status = watch::channel(NodeStatus {
             state: RunState::of(&directive),
@@ -404,7 +405,7 @@ async fn rejoin_all(node: NodeHandle, mut pending: Vec<JoinedRecord>) {
 struct Inner {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<NodeStatus>,
-    events: broadcast::Sender<NodeEvent>,
+    events: Arc<Events>,
     config: watch::Receiver<NodeConfig>,
     ledger: LedgerHandle,
     dht: DhtHandle,
@@ -432,6 +433,12 @@ impl NodeHandle {
         self.inner.events.subscribe()
     }
 
+    /// The last events (at most 500), oldest first, with when they happened: the node's log for the
+    /// app's activity list.
+    pub fn recent_events(&self) -> Vec<LoggedEvent> {
+        self.inner.events.recent()
+    }
+
     /// The settings in effect (mode and policy follow `set_mode` / `set_policy`).
     pub fn config(&self) -> NodeConfig {
         self.inner.config.borrow().clone()
@@ -453,7 +460,7 @@ impl NodeHandle {
     }
 
     fn emit(&self, event: NodeEvent) {
-        let _ = self.inner.events.send(event);
+        self.inner.events.emit(event);
     }
 
     async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {

@@ -1,9 +1,11 @@
 //! What the node tells its UI: [`NodeStatus`] (a `watch`) and [`NodeEvent`]s (a `broadcast`).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use apiary_governor::{Directive, Sample};
 use serde::{Serialize, Serializer};
+use tokio::sync::broadcast;
 
 /// What the node is doing, in one word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -127,4 +129,58 @@ pub enum NodeEvent {
         /// What, in words.
         message: String,
     },
+}
+
+/// An event as the node's log keeps it: when (unix seconds) and what.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggedEvent {
+    /// When it happened (unix seconds).
+    pub at: f64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: NodeEvent,
+}
+
+/// The node's events: broadcast to whoever listens now, and the last [`Events::LOG_CAPACITY`] kept for
+/// whoever asks later (the app's activity list, `GET /api/log`).
+#[derive(Debug)]
+pub(crate) struct Events {
+    tx: broadcast::Sender<NodeEvent>,
+    log: Mutex<VecDeque<LoggedEvent>>,
+}
+
+impl Events {
+    /// How many events the log keeps.
+    pub const LOG_CAPACITY: usize = 500;
+
+    pub fn new(capacity: usize) -> Self {
+        Events {
+            tx: broadcast::channel(capacity).0,
+            log: Mutex::new(VecDeque::with_capacity(Self::LOG_CAPACITY)),
+        }
+    }
+
+    pub fn emit(&self, event: NodeEvent) {
+        {
+            let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if log.len() == Self::LOG_CAPACITY {
+                log.pop_front();
+            }
+            log.push_back(LoggedEvent {
+                at: apiary_ledger::unix_now(),
+                event: event.clone(),
+            });
+        }
+        let _ = self.tx.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.tx.subscribe()
+    }
+
+    /// The logged events, oldest first.
+    pub fn recent(&self) -> Vec<LoggedEvent> {
+        let log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        log.iter().cloned().collect()
+    }
 }

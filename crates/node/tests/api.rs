@@ -828,6 +828,26 @@ async fn join_and_leave_a_published_experiment() {
     assert!(node.status().borrow().experiments.is_empty());
     assert_error(&c.post(&leave, None).await, StatusCode::CONFLICT, "not_joined");
 
+    // the log keeps what happened, oldest first, with when
+    let (code, log) = c.get("/api/log").await;
+    assert_eq!(code, StatusCode::OK, "{log}");
+    let kinds: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    let joined = kinds.iter().position(|k| *k == "joined").expect("joined logged");
+    let left = kinds.iter().rposition(|k| *k == "left").expect("left logged");
+    assert!(joined < left, "{kinds:?}");
+    assert!(log[left]["at"].as_f64().unwrap() > 1.7e9, "{log}");
+    assert_eq!(log[left]["id"], LOCAL_DEMO_ID);
+    let (code, last) = c.get("/api/log?limit=1").await;
+    assert_eq!(code, StatusCode::OK, "{last}");
+    assert_eq!(last.as_array().unwrap().len(), 1);
+    assert_eq!(last[0], log[kinds.len() - 1]);
+    assert_error(&c.get("/api/log?limit=-1").await, StatusCode::BAD_REQUEST, "bad_request");
+
     let _ = ws.close(None).await;
     server.shutdown().await;
     node.shutdown().await.unwrap();

@@ -26,6 +26,10 @@
 //! throughput of the demo's model against 3 local volunteers, `apiary bench moe` beside
 //! `tests/interop/bench_moe.py` (hivemind's `RemoteMixtureOfExperts` against hivemind `Server`s), at each
 //! one-way latency; table in `target/bench/moe.md`. See [`moe`].
+//!
+//! `bench idle [--seconds 60]`: idle CPU and RSS of `apiary node run` joined but paused, beside an idle
+//! hivemind server's process tree, and the governor probes' cost per tick; `target/bench/idle.md`. See
+//! [`crate::bench_idle`].
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -60,6 +64,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("dht") => dht(&args[1..]),
         Some("server") => server(&args[1..]),
         Some("moe") => moe::run(&args[1..]),
+        Some("idle") => crate::bench_idle::run(&args[1..]),
         Some("codecs") => codecs(&args[1..]),
         _ => codecs(args),
     }
@@ -167,7 +172,7 @@ fn measure(why: &str, cmd: &mut Command) -> Result<Vec<Measure>> {
 }
 
 /// Writes a report under `target/bench/` and prints it.
-fn publish(name: &str, report: &str) -> Result<()> {
+pub(crate) fn publish(name: &str, report: &str) -> Result<()> {
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = dir.join(name);
@@ -321,7 +326,7 @@ fn dht(args: &[String]) -> Result<()> {
 }
 
 /// Runs a command whose stdout ends with one JSON result line.
-fn one_json(why: &str, cmd: &mut Command) -> Result<Value> {
+pub(crate) fn one_json(why: &str, cmd: &mut Command) -> Result<Value> {
     json_lines(why, cmd)?.pop().context("no JSON result line")
 }
 
@@ -464,7 +469,7 @@ fn server(args: &[String]) -> Result<()> {
 }
 
 /// SIGTERM (a clean shutdown), then SIGKILL if it has not exited after 10 s.
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     for _ in 0..100 {
         if let Ok(Some(_)) = child.try_wait() {
@@ -581,7 +586,7 @@ fn server_table(
 }
 
 /// Installs what the benchmarks need and builds the release `apiary`; returns the setup and the target dir.
-fn setup_and_build_apiary() -> Result<(setup::Env, PathBuf)> {
+pub(crate) fn setup_and_build_apiary() -> Result<(setup::Env, PathBuf)> {
     let env = setup::all()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     step(

@@ -9,12 +9,14 @@
 //! cargo xtask bench dht   DHT benchmark, Apiary and hivemind side by side on this machine
 //! cargo xtask bench server   expert server throughput (benchmark_throughput.py), Apiary and hivemind
 //! cargo xtask bench moe   MoE trainer steps/s at 0 and 100 ms one-way latency, Apiary and hivemind
+//! cargo xtask bench idle  idle CPU and RSS of a paused, joined `apiary node run` beside a hivemind server
 //! ```
 //!
 //! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
 //! holds the hivemind venv; `.ci/run` points `CARGO_TARGET_DIR` there too.
 
 mod bench;
+mod bench_idle;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -56,7 +58,8 @@ const HELP: &str = "usage: cargo xtask <demo|test|setup|golden|bench>
   bench dht        DHT benchmark (hivemind's benchmark_dht.py measure) beside hivemind's
   bench server     expert server throughput (benchmark_throughput.py measure): Apiary and hivemind
   bench moe        MoE trainer steps/s and samples/s of the demo's model at 0 and 100 ms one-way latency
-                   (a network namespace delaying loopback): Apiary and hivemind's RemoteMixtureOfExperts";
+                   (a network namespace delaying loopback): Apiary and hivemind's RemoteMixtureOfExperts
+  bench idle       idle CPU and RSS of `apiary node run` joined but paused, beside an idle hivemind server";
 
 /// `cargo run --release -p apiary-cli -- demo <args>`: the demo needs nothing but a Rust toolchain.
 fn demo(args: &[String]) -> Result<()> {
