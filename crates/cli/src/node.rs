@@ -1,10 +1,11 @@
 //! `apiary node run`: the volunteer node without a window — the same engine the desktop app embeds
 //! (`apiary-node`), with the platform's activity, GPU and power probes, until Ctrl-C.
+//! `apiary node status|pause|resume|finish|snooze|mode|log` drive a running node through its local API.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use apiary_governor::Probes;
+use apiary_governor::{Mode, Probes};
 use apiary_node::{ApiConfig, JoinOptions, Node, NodeConfig, NodeHandle, RunState};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -21,6 +22,74 @@ pub struct NodeArgs {
 enum NodeCommand {
     /// Run the volunteer node: host joined experiments while the governor allows, until Ctrl-C.
     Run(Box<RunArgs>),
+    /// What a running node is doing (through its local API).
+    Status(ControlArgs),
+    /// Pause a running node until `resume` (survives restarts).
+    Pause(ControlArgs),
+    /// Let a running node work (a manual start: it wins over "only when away").
+    Resume(ControlArgs),
+    /// Finish the work in flight, then pause.
+    Finish(ControlArgs),
+    /// Pause for a while, e.g. `apiary node snooze 1h` (s, m, h, d; survives restarts).
+    Snooze {
+        /// How long: `90s`, `30m`, `1h`, `2d`, or seconds.
+        duration: String,
+        #[command(flatten)]
+        at: ControlArgs,
+    },
+    /// Set how much of the computer the node may use.
+    Mode {
+        mode: ModeArg,
+        #[command(flatten)]
+        at: ControlArgs,
+    },
+    /// The node's recent events (joined, left, paused, resumed, errors, notices).
+    Log {
+        /// The newest this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        at: ControlArgs,
+    },
+}
+
+/// Which running node to talk to.
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// The node's settings file (its data folder holds the API's URL and token). Default:
+    /// `<config dir>/apiary/node.toml`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The node's data folder, instead of the settings' one.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The API's URL (`http://127.0.0.1:PORT/`), instead of the one the data folder names.
+    #[arg(long)]
+    api: Option<String>,
+}
+
+/// The governor's modes, as the command line spells them.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    /// A trickle while you work, half speed when away.
+    Quiet,
+    /// Some work while you work, full speed when away.
+    Balanced,
+    /// Full speed always (still yields to games, batteries and heat).
+    Max,
+    /// Nothing while you work, full speed when away.
+    OnlyWhenAway,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Quiet => Mode::Quiet,
+            ModeArg::Balanced => Mode::Balanced,
+            ModeArg::Max => Mode::Max,
+            ModeArg::OnlyWhenAway => Mode::OnlyWhenAway,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -48,9 +117,15 @@ struct RunArgs {
     /// Requests carry the token kept in `<data dir>/api-token`.
     #[arg(long, default_value_t = apiary_node::api::DEFAULT_BIND)]
     api_bind: std::net::SocketAddr,
+    /// Shorthand for `--api-bind 127.0.0.1:PORT`.
+    #[arg(long, conflicts_with = "api_bind")]
+    api_port: Option<u16>,
     /// Serve no local API.
     #[arg(long)]
     no_api: bool,
+    /// Set the mode at start (kept in the settings file): how much of the computer the node may use.
+    #[arg(long)]
+    mode: Option<ModeArg>,
     /// Serve the built dashboard (`ui/dist`) from this folder at the API's address.
     #[arg(long)]
     ui_dir: Option<PathBuf>,
@@ -59,7 +134,232 @@ struct RunArgs {
 pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
     match args.command {
         NodeCommand::Run(args) => run_node(*args, out).await,
+        NodeCommand::Status(at) => status(&at, out).await,
+        NodeCommand::Pause(at) => control(&at, "/api/pause", None, "paused", out).await,
+        NodeCommand::Resume(at) => control(&at, "/api/resume", None, "resumed", out).await,
+        NodeCommand::Finish(at) => {
+            control(
+                &at,
+                "/api/finish",
+                None,
+                "finishing the work in flight, then pausing",
+                out,
+            )
+            .await
+        }
+        NodeCommand::Snooze { duration, at } => {
+            let seconds = parse_duration(&duration)?;
+            let body = json!({ "seconds": seconds });
+            let said = format!("snoozed for {duration}");
+            control(&at, "/api/snooze", Some(body), &said, out).await
+        }
+        NodeCommand::Mode { mode, at } => {
+            let mode = Mode::from(mode);
+            let said = format!(
+                "mode: {}",
+                serde_json::to_value(mode)?.as_str().unwrap_or_default()
+            );
+            let client = ApiClient::find(&at)?;
+            client
+                .send(reqwest::Method::PUT, "/api/mode", Some(json!({ "mode": mode })))
+                .await?;
+            out.event(json!({ "event": "done", "mode": mode }));
+            out.say(&said);
+            Ok(())
+        }
+        NodeCommand::Log { limit, at } => log(&at, limit, out).await,
     }
+}
+
+/// A client of a running node's local API.
+struct ApiClient {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// The node named by `at`: its data folder holds the API's URL (`api-url`) and token (`api-token`).
+    fn find(at: &ControlArgs) -> Result<ApiClient> {
+        let data_dir = match &at.data_dir {
+            Some(d) => d.clone(),
+            None => {
+                let path = match &at.config {
+                    Some(p) => p.clone(),
+                    None => NodeConfig::default_path()?,
+                };
+                NodeConfig::load(&path)?.data_dir
+            }
+        };
+        let url = match &at.api {
+            Some(u) => u.trim_end_matches('/').to_owned() + "/",
+            None => apiary_node::api::running_url(&data_dir).with_context(|| {
+                format!(
+                    "no node is running with the data folder {} (no API URL in it): start one with \
+                     `apiary node run`, or name it with --data-dir, --config or --api",
+                    data_dir.display()
+                )
+            })?,
+        };
+        let token_file = data_dir.join(apiary_node::api::TOKEN_FILE);
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading the API token from {}", token_file.display()))?
+            .trim()
+            .to_owned();
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(ApiClient { url, token, http })
+    }
+
+    /// Sends a request; a non-2xx answer is an error carrying the API's message.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let url = format!("{}{}", self.url.trim_end_matches('/'), path);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| {
+            format!(
+                "no answer from the node's API at {} (is `apiary node run` running?)",
+                self.url
+            )
+        })?;
+        let code = response.status();
+        let text = response.text().await.context("reading the node's answer")?;
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        if !code.is_success() {
+            let message = value["message"]
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned);
+            anyhow::bail!("the node refused: {message} ({code})");
+        }
+        Ok(value)
+    }
+}
+
+async fn control(
+    at: &ControlArgs,
+    path: &str,
+    body: Option<serde_json::Value>,
+    said: &str,
+    out: &Output,
+) -> Result<()> {
+    let client = ApiClient::find(at)?;
+    client.send(reqwest::Method::POST, path, body).await?;
+    let status = client.send(reqwest::Method::GET, "/api/status", None).await?;
+    out.event(json!({ "event": "done", "state": status["state"], "reason": status["reason"] }));
+    out.say(&format!(
+        "{said} — now {}: {}",
+        status["state"].as_str().unwrap_or("?"),
+        status["reason"].as_str().unwrap_or("")
+    ));
+    Ok(())
+}
+
+async fn status(at: &ControlArgs, out: &Output) -> Result<()> {
+    let client = ApiClient::find(at)?;
+    let status = client.send(reqwest::Method::GET, "/api/status", None).await?;
+    if out.is_json() {
+        let mut line = json!({ "event": "status" });
+        if let (Some(line), Some(fields)) = (line.as_object_mut(), status.as_object()) {
+            line.extend(fields.clone());
+        }
+        out.event(line);
+        return Ok(());
+    }
+    let mut text = format!(
+        "{}: {}\npeer {} · {} DHT peers\n",
+        status["state"].as_str().unwrap_or("?"),
+        status["reason"].as_str().unwrap_or(""),
+        status["peer_id"].as_str().unwrap_or("?"),
+        status["peers"]
+    );
+    match status["experiments"].as_array() {
+        Some(list) if !list.is_empty() => {
+            for e in list {
+                let experts = e["experts"].as_array().map_or(0, Vec::len);
+                let (fwd, bwd) = e["experts"].as_array().map_or((0, 0), |x| {
+                    x.iter().fold((0, 0), |(f, b), x| {
+                        (
+                            f + x["forward_rows"].as_u64().unwrap_or(0),
+                            b + x["backward_rows"].as_u64().unwrap_or(0),
+                        )
+                    })
+                });
+                text.push_str(&format!(
+                    "  {}: {experts} experts, {fwd} samples forward, {bwd} backward{}\n",
+                    e["id"].as_str().unwrap_or("?"),
+                    if e["withdrawn"] == true {
+                        " (withdrawn while paused)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        _ => text.push_str("  no experiments joined (`apiary experiments list`, then `join`)\n"),
+    }
+    out.say(text.trim_end());
+    Ok(())
+}
+
+async fn log(at: &ControlArgs, limit: usize, out: &Output) -> Result<()> {
+    let client = ApiClient::find(at)?;
+    let events = client
+        .send(reqwest::Method::GET, &format!("/api/log?limit={limit}"), None)
+        .await?;
+    for e in events.as_array().into_iter().flatten() {
+        if out.is_json() {
+            out.event(e.clone());
+        } else {
+            let mut fields = e.as_object().cloned().unwrap_or_default();
+            let at = fields.remove("at").and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let kind = fields
+                .remove("event")
+                .map(|v| v.as_str().unwrap_or("?").to_owned());
+            let rest: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect();
+            out.say(&format!(
+                "{:.0} {} {}",
+                at,
+                kind.unwrap_or_default(),
+                rest.join(" ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `90s`, `30m`, `1h`, `2d`, or a number of seconds.
+fn parse_duration(text: &str) -> Result<f64> {
+    let t = text.trim();
+    let (number, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let scale = match unit {
+        's' => 1.0,
+        'm' => 60.0,
+        'h' => 3600.0,
+        'd' => 86400.0,
+        _ => anyhow::bail!("`{text}`: the unit must be s, m, h or d"),
+    };
+    let n: f64 = number
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .with_context(|| format!("`{text}` is not a duration (e.g. 90s, 30m, 1h, 2d)"))?;
+    Ok(n * scale)
 }
 
 async fn run_node(args: RunArgs, out: &Output) -> Result<()> {
@@ -77,14 +377,19 @@ async fn run_node(args: RunArgs, out: &Output) -> Result<()> {
     if !args.initial_peers.is_empty() {
         config.initial_peers = args.initial_peers;
     }
-    let node = Node::spawn(config, Probes::platform())
+    let node = Node::spawn_with_file(config, &path, Probes::platform())
         .await
         .context("starting the node")?;
+    if let Some(mode) = args.mode {
+        node.set_mode(mode.into()).await.context("setting the mode")?;
+    }
     let api = if args.no_api {
         None
     } else {
         let config = ApiConfig {
-            bind: args.api_bind,
+            bind: args.api_port.map_or(args.api_bind, |port| {
+                std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
+            }),
             ui_dir: args.ui_dir,
             ..ApiConfig::default()
         };
@@ -189,4 +494,22 @@ fn describe(state: RunState, reason: &str) -> String {
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
     format!("{state}: {reason}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), 90.0);
+        assert_eq!(parse_duration("30m").unwrap(), 1800.0);
+        assert_eq!(parse_duration("1h").unwrap(), 3600.0);
+        assert_eq!(parse_duration("1.5h").unwrap(), 5400.0);
+        assert_eq!(parse_duration("2d").unwrap(), 172_800.0);
+        assert_eq!(parse_duration("45").unwrap(), 45.0);
+        for bad in ["", "h", "1w", "-1h", "0m", "abc", "NaNs", "infh"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -763,6 +763,8 @@ fn node_run_joins_and_hosts_until_terminated() {
         "--resume",
         "--api-bind",
         "127.0.0.1:0",
+        "--mode",
+        "quiet",
     ]);
     let api = node.wait_for(Duration::from_secs(60), "api line", |l| l["event"] == "api");
     let token_file = std::path::PathBuf::from(api["token_file"].as_str().unwrap());
@@ -802,6 +804,65 @@ fn node_run_joins_and_hosts_until_terminated() {
     });
     assert_eq!(listed["covered"].as_u64().unwrap(), uids.len() as u64);
 
+    // the running node answers `apiary node …` through its local API (URL and token from its data folder)
+    let at = [
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let node_cmd = |args: &[&str]| run(&[&["node"][..], args, &at].concat(), ONE_SHOT);
+    let status = node_cmd(&["status"]).json();
+    assert_eq!(status["event"], "status", "{status}");
+    assert_eq!(status["experiments"][0]["id"], id, "{status}");
+    let settings = || std::fs::read_to_string(&config).unwrap_or_default();
+    assert!(
+        settings().contains("mode = \"quiet\""),
+        "--mode is kept: {}",
+        settings()
+    );
+    let paused = node_cmd(&["pause"]).json();
+    assert_eq!(paused["state"], "paused", "{paused}");
+    let snoozed = node_cmd(&["snooze", "1h"]).json();
+    assert_eq!(snoozed["state"], "paused", "{snoozed}");
+    let until = node_cmd(&["status"]).json()["until"]
+        .as_f64()
+        .expect("a snooze has an end");
+    let in_an_hour = until
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+    assert!((3500.0..3700.0).contains(&in_an_hour), "{in_an_hour}");
+    node_cmd(&["snooze", "1w"]).fails_with(&["unit"]);
+    let resumed = node_cmd(&["resume"]).json();
+    assert!(
+        resumed["state"] == "running" || resumed["state"] == "throttled",
+        "{resumed}"
+    );
+    node_cmd(&["mode", "max"]).json();
+    assert!(settings().contains("mode = \"max\""), "{}", settings());
+    assert!(
+        !settings().contains("initial_peers = [\"/ip4"),
+        "command-line overrides stay out of the settings file: {}",
+        settings()
+    );
+    let log = node_cmd(&["log", "--limit", "100"]);
+    assert!(log.status.success(), "{}", log.stderr);
+    let kinds: Vec<String> = log
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for want in ["joined", "paused", "resumed"] {
+        assert!(kinds.iter().any(|k| k == want), "no {want} in {kinds:?}");
+    }
+
     let status = node.terminate(Duration::from_secs(60));
     assert!(status.success(), "apiary node run exits 0 on SIGTERM: {status:?}");
     let remembered = std::fs::read_to_string(data.join("joined.json")).unwrap();
@@ -809,4 +870,6 @@ fn node_run_joins_and_hosts_until_terminated() {
     // left cleanly: the roster entry is withdrawn at once
     let after = list(Some(&boot), dir.path().join("browse").to_str().unwrap());
     assert_eq!(card(&after, id, "dht").unwrap()["volunteers"], 0, "{after}");
+    // no node runs there any more: a clear error
+    node_cmd(&["status"]).fails_with(&["no node is running"]);
 }

@@ -69,6 +69,9 @@ use crate::{JoinOptions, NodeError, NodeEvent, NodeHandle, NodeStatus};
 pub const DEFAULT_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7787);
 /// The file in the data folder that keeps the API token.
 pub const TOKEN_FILE: &str = "api-token";
+/// The file in the data folder that names the running API's URL (`http://127.0.0.1:7787/`), for
+/// `apiary node status` and other local clients; removed when the API stops.
+pub const URL_FILE: &str = "api-url";
 /// The largest request body accepted (bytes); larger is `413`.
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// How long a WebSocket client may take to accept one frame before it is disconnected.
@@ -186,6 +189,8 @@ fn restrict_permissions(_path: &Path) -> std::io::Result<()> {
 pub struct ApiServer {
     addr: SocketAddr,
     token: String,
+    /// The `api-url` file written at start (removed at shutdown when it still names this server).
+    url_file: Option<(PathBuf, String)>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -205,6 +210,7 @@ impl ApiServer {
     /// requests in flight. The node keeps running.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        self.remove_url_file();
         if let Some(mut task) = self.task.take()
             && tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await.is_err()
         {
@@ -213,10 +219,32 @@ impl ApiServer {
     }
 }
 
+impl ApiServer {
+    fn remove_url_file(&mut self) {
+        if let Some((path, url)) = self.url_file.take()
+            && std::fs::read_to_string(&path).is_ok_and(|now| now.trim() == url)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        self.remove_url_file();
     }
+}
+
+/// The URL of the API the node with data folder `data_dir` serves, from its `api-url` file (`None`
+/// when no API runs there, or the file is not a loopback `http://` URL).
+pub fn running_url(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(URL_FILE)).ok()?;
+    let url = text.trim();
+    let rest = url.strip_prefix("http://")?;
+    let host = rest.trim_end_matches('/');
+    let addr: SocketAddr = host.parse().ok()?;
+    (url.len() < 64 && addr.ip().is_loopback()).then(|| url.to_owned())
 }
 
 /// Serves the local API for `handle` (see the [module docs](self)): binds [`ApiConfig::bind`],
@@ -244,6 +272,7 @@ pub async fn serve(handle: NodeHandle, config: ApiConfig) -> Result<ApiServer, N
     let addr = listener.local_addr().map_err(bind_err)?;
     let (stop, stopped) = watch::channel(false);
     let ui_dir = config.ui_dir.map(|d| std::fs::canonicalize(&d).unwrap_or(d));
+    let data_dir = handle.data_dir().to_owned();
     let state = Arc::new(AppState {
         node: handle,
         token: token.clone(),
@@ -262,9 +291,19 @@ pub async fn serve(handle: NodeHandle, config: ApiConfig) -> Result<ApiServer, N
         }
     });
     tracing::info!(%addr, "local API listening");
+    let url = format!("http://{addr}/");
+    let url_path = data_dir.join(URL_FILE);
+    let url_file = match crate::config::write_atomic(&url_path, url.as_bytes()) {
+        Ok(()) => Some((url_path, url)),
+        Err(e) => {
+            tracing::warn!(path = %url_path.display(), "could not write the API's URL file: {e}");
+            None
+        }
+    };
     Ok(ApiServer {
         addr,
         token,
+        url_file,
         stop,
         task: Some(task),
     })

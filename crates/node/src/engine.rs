@@ -345,7 +345,11 @@ impl Engine {
 
     fn save_config(&self) -> Result<(), NodeError> {
         if let Some(path) = &self.config_path {
-            self.config.borrow().save(path)?;
+            // only what the handle changes (the policy) goes into the file: the rest of the node's
+            // settings may be overrides of this run (command-line flags)
+            let mut file = NodeConfig::load(path)?;
+            file.policy = self.config.borrow().policy.clone();
+            file.save(path)?;
         }
         Ok(())
     }

@@ -80,8 +80,8 @@ pub use api::{ApiConfig, ApiServer};
 pub use config::{CONFIG_FILE, ConfigError, NodeConfig, planning_mode};
 pub use error::NodeError;
 pub use machine::local_profile;
-pub use status::{HostedStatus, LoggedEvent, NodeEvent, NodeStatus, RunState};
 use status::Events;
+pub use status::{HostedStatus, LoggedEvent, NodeEvent, NodeStatus, RunState};
 
 use engine::{Command, Engine, GovernorCommand, JOINED_FILE, JoinedRecord, ManifestRef, POLICY_STATE_FILE};
 
@@ -126,6 +126,17 @@ impl Node {
     /// the handle ([`NodeHandle::set_policy`], [`NodeHandle::set_mode`]) are written back to `path`.
     pub async fn spawn_from(path: &Path, probes: Probes) -> Result<NodeHandle, NodeError> {
         let config = NodeConfig::load(path)?;
+        Self::spawn_inner(config, Some(path.to_owned()), probes).await
+    }
+
+    /// Starts a node with `config`, which may differ from the settings file at `path` (command-line
+    /// overrides); the settings changed through the handle (the policy and mode) are written to `path`,
+    /// the rest of the file is left as it is.
+    pub async fn spawn_with_file(
+        config: NodeConfig,
+        path: &Path,
+        probes: Probes,
+    ) -> Result<NodeHandle, NodeError> {
         Self::spawn_inner(config, Some(path.to_owned()), probes).await
     }
 

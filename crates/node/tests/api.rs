@@ -846,7 +846,11 @@ async fn join_and_leave_a_published_experiment() {
     assert_eq!(code, StatusCode::OK, "{last}");
     assert_eq!(last.as_array().unwrap().len(), 1);
     assert_eq!(last[0], log[kinds.len() - 1]);
-    assert_error(&c.get("/api/log?limit=-1").await, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &c.get("/api/log?limit=-1").await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
 
     let _ = ws.close(None).await;
     server.shutdown().await;
