@@ -20,6 +20,8 @@
 //! | GET | `/api/contributions?experiment=&uid=&from=&to=` | | [`Totals`](apiary_ledger::Totals) |
 //! | GET | `/api/history?bucket=hour\|day&experiment=&uid=&from=&to=` | | [`Row`](apiary_ledger::Row)s |
 //! | GET | `/api/export.csv?bucket=&experiment=&uid=&from=&to=` | | `text/csv` |
+//! | GET | `/api/log?limit=` | | [`LoggedEvent`](crate::LoggedEvent)s, oldest first (the last 500 at most) |
+//! | GET | `/api/openapi.json` | | this table as an OpenAPI 3.1 document (`crates/node/openapi.json`) |
 //!
 //! Everything else is the dashboard: the files of [`ApiConfig::ui_dir`] (`index.html` for a folder),
 //! or, without one, a short text page saying the dashboard is not bundled.
@@ -72,6 +74,8 @@ pub const TOKEN_FILE: &str = "api-token";
 /// The file in the data folder that names the running API's URL (`http://127.0.0.1:7787/`), for
 /// `apiary node status` and other local clients; removed when the API stops.
 pub const URL_FILE: &str = "api-url";
+/// The range `temperature_target_c` may take (°C): GPUs throttle themselves above ≈ 83–90 °C.
+const TEMPERATURE_TARGET_C: (f64, f64) = (40.0, 95.0);
 /// The largest request body accepted (bytes); larger is `413`.
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// How long a WebSocket client may take to accept one frame before it is disconnected.
@@ -338,6 +342,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/history", get(history))
         .route("/api/export.csv", get(export_csv))
         .route("/api/log", get(log))
+        .route("/api/openapi.json", get(openapi))
         .fallback(static_files)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -583,6 +588,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // ---- handlers -------------------------------------------------------------------------------
 
+/// The OpenAPI 3.1 description of this API (`crates/node/openapi.json`).
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        include_str!("../openapi.json"),
+    )
+        .into_response()
+}
+
 async fn status(State(state): Shared) -> ApiResult {
     let status = state.node.status().borrow().clone();
     ok_json(&status)
@@ -653,6 +667,13 @@ async fn set_policy(State(state): Shared, body: Result<Bytes, BytesRejection>) -
     if let Some((name, v)) = numbers.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
         return Err(ApiError::bad_request(format!(
             "`{name}` must be a number ≥ 0, not {v}"
+        )));
+    }
+    let t = policy.temperature_target_c;
+    if !(t.is_finite() && (TEMPERATURE_TARGET_C.0..=TEMPERATURE_TARGET_C.1).contains(&t)) {
+        return Err(ApiError::bad_request(format!(
+            "`temperature_target_c` must be within {}..={} °C, not {t}",
+            TEMPERATURE_TARGET_C.0, TEMPERATURE_TARGET_C.1
         )));
     }
     state.node.set_policy(policy).await?;
@@ -758,8 +779,8 @@ async fn history(State(state): Shared, query: Result<Query<ReportQuery>, QueryRe
     ok_json(&state.node.history(q.filter(), bucket).await?)
 }
 
+/// Like the other query strings, unknown parameters (the `token`) are ignored.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct LogQuery {
     /// The newest this many (default all the log keeps).
     limit: Option<usize>,

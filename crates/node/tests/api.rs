@@ -541,6 +541,13 @@ async fn status_controls_and_the_event_stream() {
         StatusCode::BAD_REQUEST,
         "bad_request",
     );
+    for hot in [20.0, 120.0] {
+        assert_error(
+            &c.put("/api/policy", json!({ "temperature_target_c": hot })).await,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        );
+    }
     assert_eq!(node.config().policy.idle_threshold_s, 60.0);
 
     // a plain GET of the stream is told to upgrade
@@ -842,6 +849,14 @@ async fn join_and_leave_a_published_experiment() {
     assert!(joined < left, "{kinds:?}");
     assert!(log[left]["at"].as_f64().unwrap() > 1.7e9, "{log}");
     assert_eq!(log[left]["id"], LOCAL_DEMO_ID);
+    // the token may ride in the query here too (as for WebSocket clients)
+    let by_query = c
+        .http
+        .get(c.url(&format!("/api/log?limit=1&token={}", c.token)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_query.status(), StatusCode::OK);
     let (code, last) = c.get("/api/log?limit=1").await;
     assert_eq!(code, StatusCode::OK, "{last}");
     assert_eq!(last.as_array().unwrap().len(), 1);
