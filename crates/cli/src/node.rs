@@ -275,11 +275,12 @@ async fn status(at: &ControlArgs, out: &Output) -> Result<()> {
         return Ok(());
     }
     let mut text = format!(
-        "{}: {}\npeer {} · {} DHT peers\n",
+        "{}: {}\npeer {} · {} DHT peers · reachability: {}\n",
         status["state"].as_str().unwrap_or("?"),
         status["reason"].as_str().unwrap_or(""),
         status["peer_id"].as_str().unwrap_or("?"),
-        status["peers"]
+        status["peers"],
+        status["reachability"].as_str().unwrap_or("?")
     );
     match status["experiments"].as_array() {
         Some(list) if !list.is_empty() => {

@@ -462,6 +462,7 @@ impl Engine {
             peer_id: peer_id.to_base58(),
             maddrs,
             peers: st.peers,
+            reachability: (*self.p2p.reachability().borrow()).into(),
             telemetry: samples.borrow().clone(),
         };
         self.status.send_if_modified(|s| {

@@ -81,7 +81,7 @@ pub use config::{CONFIG_FILE, ConfigError, NodeConfig, planning_mode};
 pub use error::NodeError;
 pub use machine::local_profile;
 use status::Events;
-pub use status::{HostedStatus, LoggedEvent, NodeEvent, NodeStatus, RunState};
+pub use status::{HostedStatus, LoggedEvent, NodeEvent, NodeStatus, Reachability, RunState};
 
 use engine::{Command, Engine, GovernorCommand, JOINED_FILE, JoinedRecord, ManifestRef, POLICY_STATE_FILE};
 
@@ -160,6 +160,8 @@ impl Node {
         let (p2p, _host_task) = Host::spawn(P2pConfig {
             keypair: Some(keypair),
             listen_addrs: listen,
+            // the dashboard shows whether peers can reach this node
+            autonat: true,
             ..P2pConfig::default()
         })?;
         let mut dht_config = DhtConfig::default();
@@ -215,6 +217,7 @@ impl Node {
             peer_id: p2p.local_peer_id().to_base58(),
             maddrs: Vec::new(),
             peers: 0,
+            reachability: Reachability::Unknown,
             telemetry: None,
         });
         let (config_tx, config_rx) = watch::channel(config);

@@ -82,6 +82,8 @@ pub struct NodeStatus {
     pub maddrs: Vec<String>,
     /// DHT peers in the routing table.
     pub peers: usize,
+    /// Whether other peers can dial this node, as AutoNAT finds it through its peers.
+    pub reachability: Reachability,
     /// The governor's latest readings.
     #[serde(serialize_with = "serialize_sample")]
     pub telemetry: Option<Arc<Sample>>,
@@ -129,6 +131,29 @@ pub enum NodeEvent {
         /// What, in words.
         message: String,
     },
+}
+
+/// Whether other peers can reach this node directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reachability {
+    /// Not known yet (AutoNAT asks peers that offer the service, from 15 s after start).
+    Unknown,
+    /// Peers dialed this node back: it is reachable directly.
+    Public,
+    /// Peers could not dial it back: behind NAT or a firewall (it can still call out and serve
+    /// on connections it opened).
+    Private,
+}
+
+impl From<apiary_p2p::Reachability> for Reachability {
+    fn from(r: apiary_p2p::Reachability) -> Self {
+        match r {
+            apiary_p2p::Reachability::Unknown => Reachability::Unknown,
+            apiary_p2p::Reachability::Public => Reachability::Public,
+            apiary_p2p::Reachability::Private => Reachability::Private,
+        }
+    }
 }
 
 /// An event as the node's log keeps it: when (unix seconds) and what.

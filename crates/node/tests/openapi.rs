@@ -440,7 +440,7 @@ fn the_validator_refuses_what_does_not_match() {
     let status = json!({
         "state": "paused", "reason": "Paused by you", "until": null,
         "directive": { "kind": "paused", "cause": "user", "reason": "Paused by you", "until": null },
-        "experiments": [], "peer_id": "12D3KooW", "maddrs": [], "peers": 0, "telemetry": null
+        "experiments": [], "peer_id": "12D3KooW", "maddrs": [], "peers": 0, "reachability": "unknown", "telemetry": null
     });
     let node_status = schema_ref("NodeStatus");
     validate(&doc, &node_status, &status, "$").unwrap();
