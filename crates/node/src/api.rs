@@ -50,7 +50,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiary_governor::{GovernorError, Mode, PolicyConfig};
+use apiary_governor::{Mode, PolicyConfig};
 use apiary_ledger::{Bucket, Filter};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -391,18 +391,13 @@ impl IntoResponse for ApiError {
 
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
-        let (status, code) = match &e {
-            NodeError::NotListed(_) => (StatusCode::NOT_FOUND, "not_found"),
-            NodeError::AlreadyJoined(_) => (StatusCode::CONFLICT, "already_joined"),
-            NodeError::NotJoined(_) => (StatusCode::CONFLICT, "not_joined"),
-            NodeError::AmbiguousPublisher { .. } => (StatusCode::CONFLICT, "ambiguous_publisher"),
-            NodeError::Plan { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_plan"),
-            NodeError::Manifest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "bad_manifest"),
-            NodeError::Stopped | NodeError::Governor(GovernorError::Stopped | GovernorError::Panicked) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "stopped")
-            }
-            NodeError::Governor(GovernorError::Busy) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        let code = e.code();
+        let status = match code {
+            "not_found" => StatusCode::NOT_FOUND,
+            "already_joined" | "not_joined" | "ambiguous_publisher" => StatusCode::CONFLICT,
+            "cannot_plan" | "bad_manifest" => StatusCode::UNPROCESSABLE_ENTITY,
+            "stopped" | "busy" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -109,3 +109,25 @@ pub enum NodeError {
     #[error("the node has stopped")]
     Stopped,
 }
+
+impl NodeError {
+    /// A stable, machine-readable name of the failure for UIs (`{code, message}` errors of the local
+    /// API and the desktop app's commands): `not_found`, `already_joined`, `not_joined`,
+    /// `ambiguous_publisher`, `cannot_plan`, `bad_manifest`, `stopped`, `busy`, or `internal`.
+    pub fn code(&self) -> &'static str {
+        use apiary_governor::GovernorError;
+        match self {
+            NodeError::NotListed(_) => "not_found",
+            NodeError::AlreadyJoined(_) => "already_joined",
+            NodeError::NotJoined(_) => "not_joined",
+            NodeError::AmbiguousPublisher { .. } => "ambiguous_publisher",
+            NodeError::Plan { .. } => "cannot_plan",
+            NodeError::Manifest { .. } => "bad_manifest",
+            NodeError::Stopped | NodeError::Governor(GovernorError::Stopped | GovernorError::Panicked) => {
+                "stopped"
+            }
+            NodeError::Governor(GovernorError::Busy) => "busy",
+            _ => "internal",
+        }
+    }
+}

@@ -65,18 +65,22 @@ use std::time::Duration;
 
 use apiary_catalog::swarm::{DhtCatalog, Listing, fetch, validator};
 use apiary_catalog::{
-    Card, Coverage, Hosting, HostingConfig, JoinPlan, ManifestWatch, Verdict, bundled, cards, fingerprint,
-    plan, tie_break_of,
+    Coverage, Hosting, HostingConfig, ManifestWatch, Verdict, bundled, cards, fingerprint, plan, tie_break_of,
 };
 use apiary_dht::{Dht, DhtConfig, DhtHandle};
 use apiary_expert::server::ExpertServer;
-use apiary_governor::{Control, Governor, GovernorOptions, Mode, PolicyConfig, PolicyState, Probes};
-use apiary_ledger::{Bucket, Filter, Ledger, LedgerConfig, LedgerHandle, Row, Totals};
+use apiary_governor::{Control, Governor, GovernorOptions, PolicyState};
+use apiary_ledger::{Ledger, LedgerConfig, LedgerHandle};
 use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use api::{ApiConfig, ApiServer};
+/// The types the node's API takes and returns, re-exported so that a UI shell (the desktop app) needs
+/// no other Apiary crate.
+pub use apiary_catalog::{Card, JoinPlan};
+pub use apiary_governor::{Mode, PolicyConfig, Probes};
+pub use apiary_ledger::{Bucket, Filter, Row, Totals};
 pub use config::{CONFIG_FILE, ConfigError, NodeConfig, planning_mode};
 pub use error::NodeError;
 pub use machine::local_profile;
