@@ -74,8 +74,6 @@ pub const TOKEN_FILE: &str = "api-token";
 /// The file in the data folder that names the running API's URL (`http://127.0.0.1:7787/`), for
 /// `apiary node status` and other local clients; removed when the API stops.
 pub const URL_FILE: &str = "api-url";
-/// The range `temperature_target_c` may take (°C): GPUs throttle themselves above ≈ 83–90 °C.
-const TEMPERATURE_TARGET_C: (f64, f64) = (40.0, 95.0);
 /// The largest request body accepted (bytes); larger is `413`.
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// How long a WebSocket client may take to accept one frame before it is disconnected.
@@ -647,30 +645,7 @@ async fn policy(State(state): Shared) -> ApiResult {
 
 async fn set_policy(State(state): Shared, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let policy: PolicyConfig = parse_json(body, None)?;
-    let numbers = [
-        ("idle_threshold_s", policy.idle_threshold_s),
-        ("in_use_level", policy.in_use_level),
-        ("away_level", policy.away_level),
-        ("quiet_in_use_level", policy.quiet_in_use_level),
-        ("quiet_away_level", policy.quiet_away_level),
-        ("manual_in_use_level", policy.manual_in_use_level),
-        ("gpu_other_threshold", policy.gpu_other_threshold),
-        ("min_battery_percent", policy.min_battery_percent),
-        ("cooldown_s", policy.cooldown_s),
-        ("finish_timeout_s", policy.finish_timeout_s),
-    ];
-    if let Some((name, v)) = numbers.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
-        return Err(ApiError::bad_request(format!(
-            "`{name}` must be a number ≥ 0, not {v}"
-        )));
-    }
-    let t = policy.temperature_target_c;
-    if !(t.is_finite() && (TEMPERATURE_TARGET_C.0..=TEMPERATURE_TARGET_C.1).contains(&t)) {
-        return Err(ApiError::bad_request(format!(
-            "`temperature_target_c` must be within {}..={} °C, not {t}",
-            TEMPERATURE_TARGET_C.0, TEMPERATURE_TARGET_C.1
-        )));
-    }
+    crate::config::check_policy(&policy).map_err(ApiError::bad_request)?;
     state.node.set_policy(policy).await?;
     ok_json(&state.node.config().policy)
 }

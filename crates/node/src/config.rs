@@ -203,6 +203,37 @@ mod seconds {
     }
 }
 
+/// The range `temperature_target_c` may take (°C): GPUs throttle themselves above ≈ 83–90 °C.
+pub const TEMPERATURE_TARGET_C: (f64, f64) = (40.0, 95.0);
+
+/// Checks a policy from a UI before it is applied: every number finite and ≥ 0, the temperature
+/// target within [`TEMPERATURE_TARGET_C`]. The message names the field.
+pub fn check_policy(policy: &apiary_governor::PolicyConfig) -> Result<(), String> {
+    let numbers = [
+        ("idle_threshold_s", policy.idle_threshold_s),
+        ("in_use_level", policy.in_use_level),
+        ("away_level", policy.away_level),
+        ("quiet_in_use_level", policy.quiet_in_use_level),
+        ("quiet_away_level", policy.quiet_away_level),
+        ("manual_in_use_level", policy.manual_in_use_level),
+        ("gpu_other_threshold", policy.gpu_other_threshold),
+        ("min_battery_percent", policy.min_battery_percent),
+        ("cooldown_s", policy.cooldown_s),
+        ("finish_timeout_s", policy.finish_timeout_s),
+    ];
+    if let Some((name, v)) = numbers.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+        return Err(format!("`{name}` must be a number ≥ 0, not {v}"));
+    }
+    let t = policy.temperature_target_c;
+    let (low, high) = TEMPERATURE_TARGET_C;
+    if !(t.is_finite() && (low..=high).contains(&t)) {
+        return Err(format!(
+            "`temperature_target_c` must be within {low}..={high} °C, not {t}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

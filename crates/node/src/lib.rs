@@ -81,7 +81,7 @@ pub use api::{ApiConfig, ApiServer};
 pub use apiary_catalog::{Card, JoinPlan};
 pub use apiary_governor::{Mode, PolicyConfig, Probes};
 pub use apiary_ledger::{Bucket, Filter, Row, Totals};
-pub use config::{CONFIG_FILE, ConfigError, NodeConfig, planning_mode};
+pub use config::{CONFIG_FILE, ConfigError, NodeConfig, TEMPERATURE_TARGET_C, check_policy, planning_mode};
 pub use error::NodeError;
 pub use machine::local_profile;
 use status::Events;
