@@ -307,9 +307,15 @@ impl Hosting {
         let saver = checkpoints.clone().map(|dir| {
             let (runtime, uids, period) = (runtime.clone(), uids.clone(), config.update_period);
             AbortOnDrop(tokio::spawn(async move {
+                // only when something trained since the last save: a paused volunteer writes nothing
+                let mut saved_at: Option<u64> = None;
                 loop {
                     tokio::time::sleep(period).await;
-                    save_all(&runtime, &uids, &dir).await;
+                    let steps = runtime.stats().experts.iter().map(|e| e.optimizer_steps).sum();
+                    if saved_at != Some(steps) {
+                        save_all(&runtime, &uids, &dir).await;
+                        saved_at = Some(steps);
+                    }
                 }
             }))
         });

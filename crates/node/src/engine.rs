@@ -28,8 +28,10 @@ use crate::status::{Events, HostedStatus, NodeEvent, NodeStatus, RunState};
 
 /// Capacity of the engine's command channel.
 pub(crate) const COMMAND_CAPACITY: usize = 32;
-/// How often the engine looks at the runtimes (drain progress, queued rows, status).
+/// How often the engine looks at the runtimes (drain progress, queued rows, status) while working.
 const TICK: Duration = Duration::from_millis(100);
+/// The same while paused with nothing in flight: an idle node wakes once a second, not ten times.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// How often the ledger is fed and the routing table counted.
 const FEED_PERIOD: Duration = Duration::from_secs(1);
 /// The file listing the joined experiments, in the data folder.
@@ -146,8 +148,8 @@ impl Engine {
             peers: 0,
             last_feed: Instant::now(),
         };
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tick = tokio::time::sleep(TICK);
+        tokio::pin!(tick);
         let mut next_feed = Instant::now() + FEED_PERIOD;
         let mut directives_open = true;
         let mut states_open = true;
@@ -176,7 +178,7 @@ impl Engine {
                     let s = *states.borrow_and_update();
                     self.persist_state(s);
                 }
-                _ = tick.tick() => {
+                () = &mut tick => {
                     if Instant::now() >= next_feed {
                         next_feed = Instant::now() + FEED_PERIOD;
                         self.feed(&mut st);
@@ -190,6 +192,8 @@ impl Engine {
                     }
                     self.report_in_flight(&mut st);
                     self.publish(&st, &samples);
+                    let idle = RunState::of(&st.directive) == RunState::Paused && st.last_in_flight == Some(0);
+                    tick.as_mut().reset(tokio::time::Instant::now() + if idle { IDLE_TICK } else { TICK });
                 }
             }
         };
