@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use apiary_wire::msgpack::Value;
 
-use crate::node::{DhtHandle, StoreEntry, get_dht_time};
+use crate::node::{DhtHandle, Found, StoreEntry, get_dht_time};
+
+/// How long a withdrawal waits to learn which records are still ours (see `Shared::still_ours`).
+const OWNERSHIP_CHECK: Duration = Duration::from_secs(2);
 
 /// One record a [`Refresher`] keeps alive: `key` (and `subkey`) ← `value`.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,15 +74,52 @@ impl Shared {
             return;
         }
         let exp = state.until + 1.0;
-        if let Err(e) = self
-            .dht
-            .store_many(entries(&state.records, exp, true), false)
-            .await
+        let ours = self.still_ours(&state.records).await;
+        if !ours.is_empty()
+            && let Err(e) = self.dht.store_many(entries(&ours, exp, true), false).await
         {
             tracing::warn!(error = %e, "could not withdraw records");
         }
         state.until = exp;
         state.withdrawn = true;
+    }
+
+    /// The records readers still see with our value: a withdrawal erases only those. A key several
+    /// peers write (hivemind's `uid → peer` declaration of a replicated expert) holds the newest writer's
+    /// value, and erasing it would hide another replica until its next refresh. When the DHT cannot
+    /// tell within [`OWNERSHIP_CHECK`], every record is withdrawn (yielding matters more).
+    async fn still_ours(&self, records: &[KeptRecord]) -> Vec<KeptRecord> {
+        let mut keys: Vec<Value> = Vec::new();
+        for r in records {
+            if !keys.contains(&r.key) {
+                keys.push(r.key.clone());
+            }
+        }
+        let found = match tokio::time::timeout(OWNERSHIP_CHECK, self.dht.get_many(keys.clone(), true)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the records before withdrawing: withdrawing all");
+                return records.to_vec();
+            }
+            Err(_) => {
+                tracing::debug!("reading the records before withdrawing timed out: withdrawing all");
+                return records.to_vec();
+            }
+        };
+        records
+            .iter()
+            .filter(|r| {
+                let at = keys.iter().position(|k| *k == r.key);
+                match (at.and_then(|i| found.get(i)).cloned().flatten(), &r.subkey) {
+                    (Some(Found::Regular { value, .. }), None) => value == r.value,
+                    (Some(Found::Dictionary { entries, .. }), Some(subkey)) => {
+                        entries.iter().any(|(k, v, _)| k == subkey && *v == r.value)
+                    }
+                    _ => false,
+                }
+            })
+            .cloned()
+            .collect()
     }
 
     /// Replaces the records: those that left the set are withdrawn, the new set is stored (unless
@@ -99,7 +139,10 @@ impl Shared {
                 .collect();
             if !gone.is_empty() && !state.withdrawn {
                 let exp = state.until + 1.0;
-                if let Err(e) = self.dht.store_many(entries(&gone, exp, true), false).await {
+                let ours = self.still_ours(&gone).await;
+                if !ours.is_empty()
+                    && let Err(e) = self.dht.store_many(entries(&ours, exp, true), false).await
+                {
                     tracing::warn!(error = %e, "could not withdraw records");
                 }
                 state.until = exp;

@@ -422,3 +422,64 @@ async fn cached_keys_in_use_are_refreshed_before_they_expire() {
         n.stop().await;
     }
 }
+
+/// Two replicas keep the same key (hivemind's `uid → peer` declaration of a replicated expert), the
+/// newest writer's value wins; a replica that withdraws erases the key only while it still holds its own
+/// value, so the other replica stays visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_erases_only_its_own_value() {
+    use apiary_dht::{KeptRecord, Refresher};
+    let nodes = swarm(6).await;
+    let key = Value::str("ffn.0.1");
+    let subkey_key = Value::str("ffn.0.");
+    let record = |peer: &str| {
+        vec![
+            KeptRecord {
+                key: key.clone(),
+                subkey: None,
+                value: Value::str(peer),
+            },
+            KeptRecord {
+                key: subkey_key.clone(),
+                subkey: Some(Value::str("1")),
+                value: Value::str(peer),
+            },
+        ]
+    };
+    let period = Duration::from_secs(600);
+    let ttl = Duration::from_secs(30);
+    let (first, stored) = Refresher::start(nodes[1].dht.clone(), record("peer-a"), period, ttl).await;
+    assert!(stored > 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (second, stored) = Refresher::start(nodes[2].dht.clone(), record("peer-b"), period, ttl).await;
+    assert!(stored > 0);
+    let reader = &nodes[4].dht;
+    let value_now = async || match reader.get(key.clone(), true).await.unwrap() {
+        Some(Found::Regular { value, .. }) if value != Value::Nil => Some(value),
+        _ => None,
+    };
+    let entry_now = async || match reader.get(subkey_key.clone(), true).await.unwrap() {
+        Some(Found::Dictionary { entries, .. }) => entries
+            .into_iter()
+            .find(|(k, _, _)| *k == Value::str("1"))
+            .map(|(_, v, _)| v)
+            .filter(|v| *v != Value::Nil),
+        _ => None,
+    };
+    assert_eq!(
+        value_now().await,
+        Some(Value::str("peer-b")),
+        "the newest writer wins"
+    );
+    // the older replica leaves: the newer one's records stay
+    first.withdraw().await;
+    assert_eq!(value_now().await, Some(Value::str("peer-b")));
+    assert_eq!(entry_now().await, Some(Value::str("peer-b")));
+    // the replica whose value readers see leaves: gone at once
+    second.withdraw().await;
+    assert_eq!(value_now().await, None);
+    assert_eq!(entry_now().await, None);
+    for n in &nodes {
+        n.stop().await;
+    }
+}
