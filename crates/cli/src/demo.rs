@@ -363,7 +363,17 @@ fn train(
             break;
         }
         let before = failures(&trainer);
-        let report = trainer.step()?;
+        let report = match trainer.step() {
+            Ok(r) => r,
+            // every expert a sample chose was unreachable (volunteers left at once, their declarations
+            // not expired yet): the swarm heals within an update period, so the demo waits and goes on
+            Err(apiary_moe::MoeError::TooFewExperts(why) | apiary_moe::MoeError::NoExperts(why)) => {
+                tracing::warn!("step skipped, the experts did not answer: {why}");
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let failed = (failures(&trainer) - before) as usize;
         if tx.blocking_send(Event::Step(report, failed)).is_err() {
             break;
