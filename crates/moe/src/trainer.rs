@@ -174,7 +174,7 @@ impl Trainer {
         if !value.is_finite() {
             return Err(MoeError::Anomaly(format!("the training loss is {value}")));
         }
-        let grads = gradients(&self.params, &loss.backward()?)?;
+        let grads = gradients(&self.params, &loss.backward().map_err(MoeError::from_backward)?)?;
         let norm = apiary_expert::global_norm(&grads)?;
         if !norm.is_finite() {
             return Err(MoeError::Anomaly(format!("the gradient norm is {norm}")));
