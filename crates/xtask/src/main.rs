@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo xtask demo     build (release) and run `apiary demo`: a local swarm trains a small language model
-//! cargo xtask test     install what is missing, then fmt check, clippy -D warnings, every test suite
+//! cargo xtask test     install what is missing, then fmt check, clippy -D warnings, every test suite,
+//!                      the dashboard's Vitest suite and its end-to-end test in Chromium
 //! cargo xtask setup    only install what is missing (system packages, the cached hivemind venv)
 //! cargo xtask golden   regenerate the golden vectors with real hivemind (crates/wire/tests/golden)
 //! cargo xtask bench    tensor codec benchmark, Apiary and hivemind side by side on this machine
@@ -17,6 +18,7 @@
 
 mod bench;
 mod bench_idle;
+mod dashboard;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -143,6 +145,7 @@ fn test(extra: &[String]) -> Result<()> {
             .args(extra)
             .env("APIARY_HIVEMIND_PYTHON", &env.hivemind_python),
     )?;
+    dashboard::test()?;
     eprintln!("\nxtask: all checks passed");
     Ok(())
 }

@@ -76,6 +76,10 @@ fn system_packages() -> Result<()> {
             missing.push(package);
         }
     }
+    // the dashboard's end-to-end test drives Debian's Chromium (never a downloaded browser)
+    if !crate::dashboard::has_chromium() {
+        missing.extend(["chromium", "fonts-dejavu-core"]);
+    }
     if missing.is_empty() {
         eprintln!("==> system packages: all present");
         return Ok(());

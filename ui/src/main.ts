@@ -1,0 +1,4 @@
+import "./style.css";
+import { boot } from "./app";
+
+boot(document.getElementById("app")!);

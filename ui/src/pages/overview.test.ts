@@ -1,0 +1,121 @@
+import { beforeEach, describe, expect, it } from "vitest";
+import { Store } from "../store";
+import { byTestId, fakeApi, flush } from "../test/fake-api";
+import { fx, statusWithGpu } from "../test/fixtures";
+import { mountOverview } from "./overview";
+
+function setup() {
+  const { api } = fakeApi();
+  const store = new Store();
+  const root = document.createElement("div");
+  document.body.replaceChildren(root);
+  const stop = mountOverview(root, { api, store, charts: false });
+  return { api, store, root, stop };
+}
+
+describe("Overview", () => {
+  beforeEach(() => document.body.replaceChildren());
+
+  it("shows the state word, the reason and the figures from a status", async () => {
+    const { store, root } = setup();
+    const s = fx.status();
+    s.experiments[0].forward_samples = 1234;
+    s.experiments[0].backward_samples = 1000;
+    s.telemetry!.system.cpu_percent = { known: 37.6 };
+    store.setStatus(s);
+    expect(byTestId(root, "state").textContent).toBe("running");
+    expect(byTestId(root, "reason").textContent).toBe(s.reason);
+    expect(byTestId(root, "forward-samples").textContent).toBe("1234");
+    expect(byTestId(root, "cpu-percent").textContent).toBe("38");
+    expect(byTestId(root, "peers").textContent).toBe(String(s.peers));
+    expect(byTestId(root, "reachability").textContent).toBe(s.reachability);
+    expect(byTestId(root, "pause-button").hidden).toBe(false);
+    expect(byTestId(root, "resume-button").hidden).toBe(true);
+    // the state line is announced
+    expect(byTestId(root, "state").closest("[aria-live]")).not.toBeNull();
+    // hosted experiments with their load
+    const row = byTestId(root, `hosted-${s.experiments[0].id}`);
+    expect(row.textContent).toContain(s.experiments[0].title);
+    expect(row.textContent).toContain("1,234");
+  });
+
+  it("shows unknown readings with their reason, never 0", async () => {
+    const { store, root } = setup();
+    const s = fx.status();
+    s.telemetry!.system.cpu_percent = { unknown: "sysinfo not ready" };
+    store.setStatus(s);
+    expect(byTestId(root, "cpu-percent").textContent).toBe("unknown");
+    expect(root.textContent).toContain("sysinfo not ready");
+    expect(byTestId(root, "gpu").textContent).toBe("unknown");
+    expect(root.textContent).toContain("no NVIDIA driver");
+  });
+
+  it("shows GPU readings when known", () => {
+    const { store, root } = setup();
+    store.setStatus(statusWithGpu());
+    expect(byTestId(root, "gpu").textContent).toBe("80 %");
+    expect(root.textContent).toContain("71 °C");
+    expect(root.textContent).toContain("power readings not supported");
+  });
+
+  it("offers Resume when paused, with the until text, and calls the API", async () => {
+    const { api, store, root } = setup();
+    const s = fx.status();
+    s.state = "paused";
+    s.reason = "Snoozed by you";
+    s.until = store.now() + 12 * 60 + 5;
+    store.setStatus(s);
+    expect(byTestId(root, "state").textContent).toBe("paused");
+    expect(byTestId(root, "until").textContent).toBe("resumes in 12 min");
+    expect(byTestId(root, "resume-button").hidden).toBe(false);
+    expect(byTestId(root, "pause-button").hidden).toBe(true);
+    byTestId(root, "resume-button").click();
+    await flush();
+    expect(api.resume).toHaveBeenCalledOnce();
+    expect(api.status).toHaveBeenCalled();
+    // the fresh status (running) flips the buttons back
+    expect(byTestId(root, "state").textContent).toBe("running");
+  });
+
+  it("pauses, snoozes and sets the mode", async () => {
+    const { api, store, root } = setup();
+    store.setStatus(fx.status());
+    await flush();
+    byTestId(root, "pause-button").click();
+    await flush();
+    expect(api.pause).toHaveBeenCalledOnce();
+    byTestId(root, "snooze-1").click();
+    await flush();
+    expect(api.snooze).toHaveBeenCalledWith(3600);
+    const sel = byTestId(root, "mode-select") as HTMLSelectElement;
+    expect(sel.value).toBe("balanced"); // from GET /api/policy
+    sel.value = "quiet";
+    sel.dispatchEvent(new Event("change"));
+    await flush();
+    expect(api.setMode).toHaveBeenCalledWith("quiet");
+  });
+
+  it("shows an error from the API inline", async () => {
+    const { api, store, root } = setup();
+    store.setStatus(fx.status());
+    api.finish.mockRejectedValueOnce({ code: "stopped", message: "the node has stopped" });
+    byTestId(root, "finish-button").click();
+    await flush();
+    const alert = root.querySelector('[role="alert"]')!;
+    expect(alert.textContent).toContain("the node has stopped");
+  });
+
+  it("derives rows/s between statuses", () => {
+    const { store, root } = setup();
+    const a = fx.status();
+    a.telemetry!.taken_at = 1000;
+    store.setStatus(a);
+    const b = fx.status();
+    b.telemetry!.taken_at = 1002;
+    b.experiments[0].forward_samples = 300;
+    b.experiments[0].backward_samples = 100;
+    store.setStatus(b);
+    expect(byTestId(root, "rows-per-s").textContent).toBe("200.0");
+    expect(store.buffer.length).toBe(2);
+  });
+});

@@ -1,0 +1,392 @@
+// Overview: what the node does and why, the controls, live charts, hosted experts, network.
+
+import { toApiError } from "../api";
+import { makeChart, type Chart } from "../charts";
+import { h, replace, setText } from "../dom";
+import {
+  formatBytes,
+  formatInt,
+  formatMode,
+  formatReading,
+  formatUntil,
+  known,
+  secondsUntilTomorrowAt,
+  unknownWhy,
+} from "../format";
+import { S, totalForwardRows } from "../rolling";
+import type { Ctx } from "../store";
+import { MODES, type Mode, type NodeStatus } from "../types";
+
+export const SNOOZES: { label: string; seconds: () => number }[] = [
+  { label: "15 min", seconds: () => 15 * 60 },
+  { label: "1 h", seconds: () => 3600 },
+  { label: "3 h", seconds: () => 3 * 3600 },
+  { label: "Until tomorrow 08:00", seconds: () => secondsUntilTomorrowAt(new Date(), 8) },
+];
+
+const REACH_TEXT: Record<string, string> = {
+  unknown: "not known yet (asks peers from 15 s after start)",
+  public: "reachable directly",
+  private: "behind NAT or a firewall (others reach it only through relays)",
+};
+
+export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
+  const { api, store } = ctx;
+  const msg = h("p", { class: "error", role: "alert", hidden: true });
+  const showError = (e: unknown) => {
+    const err = toApiError(e);
+    msg.hidden = false;
+    msg.textContent = `${err.message} (${err.code})`;
+  };
+  const clearError = () => {
+    msg.hidden = true;
+    msg.textContent = "";
+  };
+  const act = (f: () => Promise<unknown>) => async () => {
+    clearError();
+    try {
+      await f();
+      // The stream brings the new status; ask now too so the button flips at once.
+      store.setStatus(await api.status());
+    } catch (e) {
+      showError(e);
+    }
+  };
+
+  // --- state line
+  const stateEl = h("span", { class: "state-word", "data-testid": "state" }, "…");
+  const reasonEl = h("span", { class: "reason", "data-testid": "reason" });
+  const untilEl = h("span", { class: "until", "data-testid": "until" });
+  const stateLine = h(
+    "div",
+    { class: "state-line", role: "status", "aria-live": "polite", "aria-atomic": "true" },
+    stateEl,
+    h("div", { class: "state-text" }, reasonEl, untilEl),
+  );
+
+  // --- controls
+  const pauseBtn = h("button", { class: "big", "data-testid": "pause-button", onclick: act(() => api.pause()) }, "Pause");
+  const resumeBtn = h(
+    "button",
+    { class: "big primary", "data-testid": "resume-button", hidden: true, onclick: act(() => api.resume()) },
+    "Resume",
+  );
+  const finishBtn = h(
+    "button",
+    { "data-testid": "finish-button", title: "Finish the work in flight, then pause", onclick: act(() => api.finish()) },
+    "Finish, then pause",
+  );
+  const snoozeMenu = h(
+    "details",
+    { class: "menu", "data-testid": "snooze-menu" },
+    h("summary", null, "Pause for…"),
+    h(
+      "div",
+      { class: "menu-items" },
+      SNOOZES.map((s) =>
+        h(
+          "button",
+          {
+            "data-testid": `snooze-${s.label.split(" ")[0].toLowerCase()}`,
+            onclick: async () => {
+              snoozeMenu.open = false;
+              await act(() => api.snooze(s.seconds()))();
+            },
+          },
+          s.label,
+        ),
+      ),
+    ),
+  );
+  // The menu closes with Escape (focus back on its button) and when focus or a click goes elsewhere.
+  snoozeMenu.addEventListener("keydown", (e: KeyboardEvent) => {
+    if (e.key === "Escape" && snoozeMenu.open) {
+      snoozeMenu.open = false;
+      snoozeMenu.querySelector("summary")?.focus();
+    }
+  });
+  snoozeMenu.addEventListener("focusout", (e: FocusEvent) => {
+    if (!snoozeMenu.contains(e.relatedTarget as Node | null)) snoozeMenu.open = false;
+  });
+  const closeOnOutside = (e: MouseEvent) => {
+    if (snoozeMenu.open && !snoozeMenu.contains(e.target as Node)) snoozeMenu.open = false;
+  };
+  document.addEventListener("click", closeOnOutside);
+  const modeSel = h(
+    "select",
+    {
+      id: "overview-mode",
+      "data-testid": "mode-select",
+      onchange: async () => {
+        clearError();
+        try {
+          await api.setMode(modeSel.value as Mode);
+        } catch (e) {
+          showError(e);
+        }
+      },
+    },
+    MODES.map((m) => h("option", { value: m }, formatMode(m))),
+  );
+  api
+    .policy()
+    .then((p) => (modeSel.value = p.mode))
+    .catch(() => {
+      /* the selector still works */
+    });
+
+  // --- figures
+  const fig = (label: string, testid: string) => {
+    const v = h("span", { class: "fig-value", "data-testid": testid }, "…");
+    const why = h("span", { class: "fig-why" });
+    return { el: h("div", { class: "fig" }, h("span", { class: "fig-label" }, label), v, why), v, why };
+  };
+  const cpu = fig("CPU", "cpu-percent");
+  const mem = fig("Memory", "memory");
+  const gpu = fig("GPU", "gpu");
+  const rows = fig("Forward rows", "forward-samples");
+  const rps = fig("Rows/s served", "rows-per-s");
+  const peers = fig("Peers", "peers");
+  const reach = fig("Reachability", "reachability");
+  const inflight = fig("In flight", "in-flight");
+
+  // --- charts
+  const last5min = (_min: number, max: number): [number, number] => [max - 300, max];
+  const chartDefs = [
+    {
+      key: "util",
+      spec: {
+        title: "CPU and GPU use (%)",
+        xRange: last5min,
+        range: [0, 100] as [number, number],
+        series: [
+          { label: "CPU", color: "#3b82f6", unit: "%" },
+          { label: "GPU (ours)", color: "#16a34a", unit: "%" },
+          { label: "GPU (others)", color: "#dc2626", unit: "%" },
+        ],
+      },
+      cols: [S.cpu, S.gpu_ours, S.gpu_others],
+    },
+    {
+      key: "rps",
+      spec: { title: "Rows served per second", xRange: last5min, series: [{ label: "rows/s", color: "#0891b2", unit: "/s" }] },
+      cols: [S.rps],
+    },
+    {
+      key: "vram",
+      spec: {
+        title: "GPU memory (GiB)",
+        xRange: last5min,
+        series: [
+          { label: "ours", color: "#16a34a", unit: "GiB" },
+          { label: "others", color: "#dc2626", unit: "GiB" },
+        ],
+      },
+      cols: [S.vram_ours, S.vram_others],
+    },
+    {
+      key: "thermal",
+      spec: {
+        title: "GPU temperature and power",
+        xRange: last5min,
+        leftAxis: "°C",
+        rightAxis: "W",
+        series: [
+          { label: "temperature", color: "#ea580c", unit: "°C" },
+          { label: "power", color: "#9333ea", unit: "W", scale: "r" },
+        ],
+      },
+      cols: [S.temp, S.power],
+    },
+  ];
+  const chartBoxes = chartDefs.map((d) => {
+    const box = h("div", { class: "chart", "data-testid": `chart-${d.key}` });
+    const note = h("p", { class: "chart-note" });
+    const caption = h("figcaption", { class: "chart-caption" }, d.spec.title);
+    return { def: d, box, note, wrap: h("figure", { class: "chart-wrap" }, caption, box, note), chart: null as Chart | null };
+  });
+
+  // --- hosted experiments
+  const hostedEl = h("div", { class: "hosted" });
+
+  root.append(
+    h(
+      "section",
+      { class: "panel state-panel", "aria-labelledby": "ov-h" },
+      h("h1", { id: "ov-h", class: "visually-hidden" }, "Overview"),
+      stateLine,
+      h(
+        "div",
+        { class: "controls" },
+        pauseBtn,
+        resumeBtn,
+        finishBtn,
+        snoozeMenu,
+        h("label", { class: "inline", for: "overview-mode" }, "Mode ", modeSel),
+      ),
+      msg,
+    ),
+    h("section", { class: "panel figs", "aria-label": "Readings" }, [cpu, mem, gpu, rows, rps, inflight, peers, reach].map((f) => f.el)),
+    h("section", { class: "panel charts", "aria-label": "Live charts, last 5 minutes" }, chartBoxes.map((c) => c.wrap)),
+    h("section", { class: "panel", "aria-labelledby": "hosted-h" }, h("h2", { id: "hosted-h" }, "Experts hosted"), hostedEl),
+  );
+
+  if (ctx.charts) {
+    requestAnimationFrame(() => {
+      for (const c of chartBoxes) c.chart = makeChart(c.box, c.def.spec);
+      drawCharts();
+    });
+  }
+
+  const drawCharts = () => {
+    const data = store.buffer.data();
+    for (const c of chartBoxes) {
+      if (c.chart) c.chart.setData([data[0], ...c.def.cols.map((i) => data[i + 1])]);
+    }
+  };
+
+  const render = () => {
+    const s = store.status;
+    if (!s) return;
+    renderStatus(s);
+    drawCharts();
+  };
+
+  const renderStatus = (s: NodeStatus) => {
+    const now = store.now();
+    setText(stateEl, s.state);
+    stateEl.className = `state-word state-${s.state}`;
+    setText(reasonEl, s.reason);
+    setText(untilEl, formatUntil(s.state, s.until, now));
+    const stopped = s.state === "paused" || s.state === "draining";
+    pauseBtn.hidden = stopped;
+    resumeBtn.hidden = !stopped;
+    finishBtn.hidden = stopped;
+
+    const t = s.telemetry;
+    const cpuV = t ? known(t.system.cpu_percent) : null;
+    setText(cpu.v, cpuV === null ? "unknown" : String(Math.round(cpuV)));
+    setText(cpu.why, cpuV === null ? (t ? (unknownWhy(t.system.cpu_percent) ?? "") : "no reading yet") : "%");
+    if (t) {
+      const used = known(t.system.memory_used);
+      const total = known(t.system.memory_total);
+      setText(mem.v, used !== null ? formatBytes(used) : "unknown");
+      setText(mem.why, used === null ? (unknownWhy(t.system.memory_used) ?? "") : total !== null ? `of ${formatBytes(total)}` : "");
+      const gpus = known(t.gpus);
+      if (gpus === null) {
+        setText(gpu.v, "unknown");
+        setText(gpu.why, unknownWhy(t.gpus) ?? "");
+      } else if (gpus.length === 0) {
+        setText(gpu.v, "none");
+        setText(gpu.why, "");
+      } else {
+        setText(
+          gpu.v,
+          gpus
+            .map((g) => formatReading(g.utilization, (u) => `${Math.round(u * 100)} %`))
+            .join(" · "),
+        );
+        setText(
+          gpu.why,
+          gpus
+            .map(
+              (g) =>
+                `${formatReading(g.name)}: ${formatReading(g.temperature_c, (c) => `${Math.round(c)} °C`)}, ` +
+                `${formatReading(g.power_w, (w) => `${Math.round(w)} W`)}`,
+            )
+            .join("; "),
+        );
+      }
+      setText(inflight.v, formatReading(t.in_flight, (n) => String(n)));
+    } else {
+      for (const f of [mem, gpu, inflight]) {
+        setText(f.v, "unknown");
+        setText(f.why, "no reading yet");
+      }
+    }
+    setText(rows.v, String(totalForwardRows(s)));
+    setText(
+      rows.why,
+      `backward ${formatInt(s.experiments.reduce((a, e) => a + e.backward_samples, 0))} (since start)`,
+    );
+    setText(rps.v, store.rowsPerS === null ? "—" : store.rowsPerS.toFixed(1));
+    setText(rps.why, "forward + backward");
+    setText(peers.v, String(s.peers));
+    setText(peers.why, s.peers === 0 ? "no peers: is the network reachable?" : "in the routing table");
+    setText(reach.v, s.reachability);
+    setText(reach.why, REACH_TEXT[s.reachability] ?? "");
+
+    // why charts are empty
+    const gpusR = t?.gpus;
+    const gpuWhy = !t ? "no reading yet" : gpusR && "unknown" in gpusR ? `GPU unknown: ${gpusR.unknown}` : known(gpusR) && known(gpusR)!.length === 0 ? "no GPU" : "";
+    for (const c of chartBoxes) {
+      let note = "";
+      if (c.def.key === "util") note = cpuV === null && t ? `CPU unknown: ${unknownWhy(t.system.cpu_percent)}` : gpuWhy;
+      else if (c.def.key === "vram" || c.def.key === "thermal") {
+        note = gpuWhy;
+        if (!note && c.def.key === "thermal" && store.buffer.latest(S.power) === null) {
+          const g = known(gpusR)?.[0];
+          if (g && "unknown" in g.power_w) note = `power unknown: ${g.power_w.unknown}`;
+        }
+      } else if (c.def.key === "rps") note = s.experiments.length ? "" : "no experiment joined";
+      setText(c.note, note);
+      // A GPU chart with nothing to draw (no GPU, no driver) gives its room to the note.
+      const gpuChart = c.def.key === "vram" || c.def.key === "thermal";
+      const empty = c.def.cols.every((i) => store.buffer.data()[i + 1].every((v) => v === null));
+      c.wrap.classList.toggle("no-data", gpuChart && !!gpuWhy && empty);
+    }
+
+    // hosted experiments
+    if (!s.experiments.length) {
+      replace(hostedEl, h("p", { class: "muted" }, "No experiment joined. ", h("a", { href: "#/experiments" }, "Browse experiments")));
+    } else {
+      const openIds = new Set(
+        [...hostedEl.querySelectorAll<HTMLDetailsElement>("details[data-id]")].filter((d) => d.open).map((d) => d.dataset.id),
+      );
+      replace(
+        hostedEl,
+        h(
+          "table",
+          { class: "table" },
+          h(
+            "thead",
+            null,
+            h("tr", null, ["Experiment", "Experts", "Forward rows", "Backward rows", "Steps", "Queued", "Rows/s", "State"].map((c) => h("th", { scope: "col" }, c))),
+          ),
+          h(
+            "tbody",
+            null,
+            s.experiments.map((e) => {
+              const r = store.rowsPerSByExperiment.get(e.id);
+              return h(
+                "tr",
+                { "data-testid": `hosted-${e.id}` },
+                h("th", { scope: "row" }, h("span", { title: e.id }, e.title || e.id)),
+                h("td", null, h("details", { "data-id": e.id, open: openIds.has(e.id) }, h("summary", null, String(e.uids.length)), h("ul", { class: "uids" }, e.uids.map((u) => h("li", null, h("code", null, u)))))),
+                h("td", { class: "num" }, formatInt(e.forward_samples)),
+                h("td", { class: "num" }, formatInt(e.backward_samples)),
+                h("td", { class: "num" }, formatInt(e.optimizer_steps)),
+                h("td", { class: "num" }, formatInt(e.queued_rows)),
+                h("td", { class: "num" }, r === undefined ? "—" : r.toFixed(1)),
+                h("td", null, e.withdrawn ? "withdrawn (paused)" : e.accepting ? "serving" : "not accepting"),
+              );
+            }),
+          ),
+        ),
+      );
+    }
+  };
+
+  const off = store.onChange(render);
+  // the "until" text counts down between statuses
+  const tick = setInterval(() => {
+    if (store.status) setText(untilEl, formatUntil(store.status.state, store.status.until, store.now()));
+  }, 1000);
+  render();
+  return () => {
+    off();
+    clearInterval(tick);
+    document.removeEventListener("click", closeOnOutside);
+    for (const c of chartBoxes) c.chart?.destroy();
+  };
+}

@@ -1,0 +1,89 @@
+import { beforeEach, describe, expect, it } from "vitest";
+import { Store } from "../store";
+import { byTestId, fakeApi, flush } from "../test/fake-api";
+import { fx } from "../test/fixtures";
+import { BOOL_FIELDS, mountSettings, NUMBER_FIELDS, validatePolicy } from "./settings";
+
+async function setup() {
+  const { api } = fakeApi();
+  const root = document.createElement("div");
+  document.body.replaceChildren(root);
+  mountSettings(root, { api, store: new Store(), charts: false });
+  await flush();
+  return { api, root };
+}
+
+const input = (root: HTMLElement, id: string) => byTestId(root, id) as HTMLInputElement;
+
+describe("Settings", () => {
+  beforeEach(() => document.body.replaceChildren());
+
+  it("has a labelled input for every policy field", async () => {
+    const { root } = await setup();
+    const p = fx.policy();
+    for (const key of [...NUMBER_FIELDS.map((f) => f.key), ...BOOL_FIELDS.map((f) => f.key), "mode", "schedule"]) {
+      const el = input(root, `setting-${key}`);
+      expect(root.querySelector(`label[for="${el.id}"]`), key).not.toBeNull();
+    }
+    expect(input(root, "setting-idle_threshold_s").value).toBe(String(p.idle_threshold_s));
+    expect(input(root, "setting-in_use_level").value).toBe("30"); // shown as a percentage
+    expect((byTestId(root, "setting-mode") as HTMLSelectElement).value).toBe(p.mode);
+    expect(input(root, "setting-pause_on_battery").checked).toBe(true);
+    expect(input(root, "setting-schedule").checked).toBe(false);
+  });
+
+  it("sends the whole policy, changed, and says it saved", async () => {
+    const { api, root } = await setup();
+    input(root, "setting-idle_threshold_s").value = "300";
+    input(root, "setting-in_use_level").value = "10";
+    input(root, "setting-pause_on_fullscreen").checked = false;
+    (byTestId(root, "setting-mode") as HTMLSelectElement).value = "quiet";
+    byTestId(root, "settings-save").click();
+    await flush();
+    expect(api.setPolicy).toHaveBeenCalledOnce();
+    const sent = api.setPolicy.mock.calls[0][0];
+    expect(sent).toEqual({ ...fx.policy(), idle_threshold_s: 300, in_use_level: 0.1, pause_on_fullscreen: false, mode: "quiet" });
+    expect(byTestId(root, "settings-saved").textContent).toBe("Saved.");
+  });
+
+  it("validates before sending", async () => {
+    const { api, root } = await setup();
+    input(root, "setting-temperature_target_c").value = "120";
+    input(root, "setting-cooldown_s").value = "";
+    byTestId(root, "settings-save").click();
+    await flush();
+    expect(api.setPolicy).not.toHaveBeenCalled();
+    expect(root.textContent).toContain("Between 40 and 95 °C.");
+    expect(root.textContent).toContain("Enter a number.");
+    expect(root.querySelector('[data-testid="settings-saved"]')).toBeNull();
+  });
+
+  it("shows the node's validation message", async () => {
+    const { api, root } = await setup();
+    api.setPolicy.mockRejectedValueOnce({ code: "bad_request", message: "`idle_threshold_s` must be finite and ≥ 0" });
+    byTestId(root, "settings-save").click();
+    await flush();
+    expect(byTestId(root, "settings-error").textContent).toContain("`idle_threshold_s` must be finite");
+    expect(root.querySelector("#err-idle_threshold_s")!.textContent).toContain("must be finite");
+  });
+
+  it("edits a schedule", async () => {
+    const { api, root } = await setup();
+    const on = input(root, "setting-schedule");
+    on.checked = true;
+    on.dispatchEvent(new Event("change"));
+    expect(root.querySelector('[data-testid="schedule-window-0"]')).not.toBeNull();
+    byTestId(root, "settings-save").click();
+    await flush();
+    const sent = api.setPolicy.mock.calls[0][0];
+    expect(sent.schedule).toEqual({
+      utc_offset_minutes: -new Date().getTimezoneOffset(),
+      windows: [{ days: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], start_minute: 1320, end_minute: 420 }],
+    });
+  });
+
+  it("validatePolicy", () => {
+    expect(validatePolicy(fx.policy())).toEqual({});
+    expect(validatePolicy({ ...fx.policy(), idle_threshold_s: -1 })).toHaveProperty("idle_threshold_s");
+  });
+});

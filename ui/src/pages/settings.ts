@@ -1,0 +1,293 @@
+// Settings: the policy. PUT replaces the whole policy (missing fields take their defaults), so the
+// form starts from the policy the node gave and sends all of it back, changed.
+
+import { toApiError } from "../api";
+import { h, replace } from "../dom";
+import { formatMode } from "../format";
+import type { Ctx } from "../store";
+import { MODES, type PolicyConfig, type Schedule, type ScheduleWindow } from "../types";
+
+type NumField = {
+  key: keyof PolicyConfig;
+  label: string;
+  help: string;
+  min?: number;
+  max?: number;
+  step?: string;
+  unit?: string;
+  /** Shown and edited as a percentage of a 0..1 fraction. */
+  percent?: boolean;
+};
+
+export const NUMBER_FIELDS: NumField[] = [
+  { key: "idle_threshold_s", label: "Away after", unit: "s without input", help: "Seconds without keyboard or mouse after which you count as away.", min: 0, step: "1" },
+  { key: "in_use_level", label: "Balanced: level while you use the PC", unit: "%", percent: true, help: "0 % = no work while you are at the PC.", min: 0, max: 1 },
+  { key: "away_level", label: "Balanced and only-when-away: level while away", unit: "%", percent: true, help: "", min: 0, max: 1 },
+  { key: "quiet_in_use_level", label: "Quiet: level while you use the PC", unit: "%", percent: true, help: "", min: 0, max: 1 },
+  { key: "quiet_away_level", label: "Quiet: level while away", unit: "%", percent: true, help: "", min: 0, max: 1 },
+  { key: "manual_in_use_level", label: "Started by hand while in use", unit: "%", percent: true, help: "Level of a manual start while you use the PC, where the mode's in-use level is 0.", min: 0, max: 1 },
+  { key: "gpu_other_threshold", label: "Pause when other programs use a GPU above", unit: "%", percent: true, help: "Games, video editing…", min: 0, max: 1 },
+  { key: "min_battery_percent", label: "Pause below battery", unit: "%", help: "", min: 0, max: 100, step: "1" },
+  { key: "temperature_target_c", label: "GPU temperature target", unit: "°C", help: "The hottest GPU is held at this temperature (40 to 95 °C).", min: 40, max: 95, step: "1" },
+  { key: "cooldown_s", label: "Wait after a fullscreen or GPU pause", unit: "s", help: "How long such a pause lasts after the condition clears.", min: 0, step: "1" },
+  { key: "finish_timeout_s", label: "Longest “finish, then pause”", unit: "s", help: "", min: 0, step: "1" },
+];
+
+export const BOOL_FIELDS: { key: keyof PolicyConfig; label: string }[] = [
+  { key: "pause_on_fullscreen", label: "Pause while a fullscreen window is in front" },
+  { key: "pause_on_battery", label: "Pause while on battery" },
+];
+
+const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"] as const;
+
+function minutesToTime(m: number): string {
+  const c = Math.max(0, Math.min(1440, Math.round(m)));
+  if (c === 1440) return "24:00";
+  return `${String(Math.floor(c / 60)).padStart(2, "0")}:${String(c % 60).padStart(2, "0")}`;
+}
+
+function timeToMinutes(s: string): number | null {
+  const m = /^(\d{1,2}):(\d{2})$/.exec(s.trim());
+  if (!m) return null;
+  const v = Number(m[1]) * 60 + Number(m[2]);
+  return v >= 0 && v <= 1440 ? v : null;
+}
+
+/** Checks the form's values before they go to the node; answers messages per field. */
+export function validatePolicy(p: PolicyConfig): Partial<Record<keyof PolicyConfig, string>> {
+  const errs: Partial<Record<keyof PolicyConfig, string>> = {};
+  for (const f of NUMBER_FIELDS) {
+    const v = p[f.key] as number;
+    if (typeof v !== "number" || !Number.isFinite(v)) errs[f.key] = "Enter a number.";
+    else if (v < 0) errs[f.key] = "Must be 0 or more.";
+    else if (f.key === "temperature_target_c" && (v < 40 || v > 95)) errs[f.key] = "Between 40 and 95 °C.";
+  }
+  if (p.schedule) {
+    for (const w of p.schedule.windows) {
+      if (!w.days.length) errs.schedule = "Each window needs at least one day.";
+    }
+  }
+  return errs;
+}
+
+export function mountSettings(root: HTMLElement, ctx: Ctx): () => void {
+  const { api } = ctx;
+  let alive = true;
+  const form = h("form", { class: "settings", novalidate: true, "aria-busy": "true" }, h("p", { class: "muted" }, "Loading…"));
+  const topErr = h("p", { class: "error", role: "alert", hidden: true, "data-testid": "settings-error" });
+  const savedSlot = h("div", { role: "status", "aria-live": "polite" });
+  let current: PolicyConfig | null = null;
+
+  const build = (p: PolicyConfig) => {
+    current = structuredClone(p);
+    form.setAttribute("aria-busy", "false");
+    const fieldErr: Partial<Record<string, HTMLElement>> = {};
+    const errEl = (key: string) => (fieldErr[key] = h("span", { class: "field-error", id: `err-${key}`, role: "alert" }));
+
+    const modeSel = h(
+      "select",
+      { id: "setting-mode", name: "mode", "data-testid": "setting-mode" },
+      MODES.map((m) => h("option", { value: m, selected: m === p.mode }, formatMode(m))),
+    );
+    modeSel.value = p.mode;
+
+    const numInputs = NUMBER_FIELDS.map((f) => {
+      const raw = p[f.key] as number;
+      const shown = f.percent ? Math.round(raw * 1000) / 10 : raw;
+      const input = h("input", {
+        id: `setting-${f.key}`,
+        name: f.key,
+        type: "number",
+        "data-testid": `setting-${f.key}`,
+        value: String(shown),
+        min: f.percent ? String((f.min ?? 0) * 100) : f.min !== undefined ? String(f.min) : undefined,
+        max: f.percent ? String((f.max ?? 1) * 100) : f.max !== undefined ? String(f.max) : undefined,
+        step: f.step ?? "any",
+        "aria-describedby": `err-${f.key}${f.help ? ` help-${f.key}` : ""}`,
+      });
+      return {
+        f,
+        input,
+        el: h(
+          "div",
+          { class: "field" },
+          h("label", { for: `setting-${f.key}` }, f.label),
+          h("div", { class: "with-unit" }, input, f.unit && h("span", { class: "unit" }, f.unit)),
+          f.help && h("small", { id: `help-${f.key}`, class: "muted" }, f.help),
+          errEl(f.key),
+        ),
+      };
+    });
+
+    const boolInputs = BOOL_FIELDS.map((b) => {
+      const input = h("input", { id: `setting-${b.key}`, type: "checkbox", "data-testid": `setting-${b.key}`, checked: Boolean(p[b.key]) });
+      return { b, input, el: h("div", { class: "field check" }, input, h("label", { for: `setting-${b.key}` }, b.label)) };
+    });
+
+    // schedule
+    let schedule: Schedule | null = p.schedule ? structuredClone(p.schedule) : null;
+    const schedOn = h("input", { id: "setting-schedule", type: "checkbox", "data-testid": "setting-schedule", checked: schedule !== null });
+    const schedBox = h("div", { class: "schedule" });
+    const renderSchedule = () => {
+      if (!schedule) {
+        replace(schedBox, h("p", { class: "muted small" }, "Automatic work may run at any time."));
+        return;
+      }
+      const s = schedule;
+      replace(
+        schedBox,
+        h("p", { class: "muted small" }, `Times are local (UTC${s.utc_offset_minutes >= 0 ? "+" : "−"}${minutesToTime(Math.abs(s.utc_offset_minutes))}). A window ending at or before its start ends the next day.`),
+        s.windows.map((w: ScheduleWindow, i: number) =>
+          h(
+            "fieldset",
+            { class: "window", "data-testid": `schedule-window-${i}` },
+            h("legend", null, `Window ${i + 1}`),
+            h(
+              "div",
+              { class: "days" },
+              DAYS.map((d) =>
+                h(
+                  "label",
+                  { class: "day" },
+                  h("input", {
+                    type: "checkbox",
+                    checked: w.days.includes(d),
+                    onchange: (e: Event) => {
+                      const on = (e.target as HTMLInputElement).checked;
+                      w.days = DAYS.filter((x) => (x === d ? on : w.days.includes(x)));
+                    },
+                  }),
+                  d,
+                ),
+              ),
+            ),
+            h(
+              "label",
+              { class: "inline" },
+              "From ",
+              h("input", {
+                type: "time",
+                value: minutesToTime(w.start_minute),
+                onchange: (e: Event) => {
+                  const v = timeToMinutes((e.target as HTMLInputElement).value);
+                  if (v !== null) w.start_minute = v;
+                },
+              }),
+            ),
+            h(
+              "label",
+              { class: "inline" },
+              " to ",
+              h("input", {
+                type: "time",
+                value: minutesToTime(w.end_minute),
+                onchange: (e: Event) => {
+                  const v = timeToMinutes((e.target as HTMLInputElement).value);
+                  if (v !== null) w.end_minute = v;
+                },
+              }),
+            ),
+            h(
+              "button",
+              {
+                type: "button",
+                onclick: () => {
+                  s.windows.splice(i, 1);
+                  renderSchedule();
+                },
+              },
+              "Remove",
+            ),
+          ),
+        ),
+        h(
+          "button",
+          {
+            type: "button",
+            onclick: () => {
+              s.windows.push({ days: [...DAYS], start_minute: 22 * 60, end_minute: 7 * 60 });
+              renderSchedule();
+            },
+          },
+          "Add a window",
+        ),
+        errEl("schedule"),
+      );
+    };
+    schedOn.addEventListener("change", () => {
+      schedule = schedOn.checked ? { utc_offset_minutes: -new Date().getTimezoneOffset(), windows: [{ days: [...DAYS], start_minute: 22 * 60, end_minute: 7 * 60 }] } : null;
+      renderSchedule();
+    });
+    renderSchedule();
+
+    const saveBtn = h("button", { type: "submit", class: "primary", "data-testid": "settings-save" }, "Save");
+    replace(
+      form,
+      h("fieldset", null, h("legend", null, "Mode"), h("div", { class: "field" }, h("label", { for: "setting-mode" }, "How hard to work"), modeSel, errEl("mode"))),
+      h("fieldset", null, h("legend", null, "Levels and limits"), numInputs.map((n) => n.el)),
+      h("fieldset", null, h("legend", null, "Pause"), boolInputs.map((b) => b.el)),
+      h("fieldset", null, h("legend", null, "Schedule"), h("div", { class: "field check" }, schedOn, h("label", { for: "setting-schedule" }, "Only run automatically at these times")), schedBox),
+      h("div", { class: "controls" }, saveBtn, h("button", { type: "button", onclick: () => void load() }, "Undo changes")),
+    );
+
+    form.oninput = () => savedSlot.replaceChildren();
+    form.onsubmit = async (ev: Event) => {
+      ev.preventDefault();
+      topErr.hidden = true;
+      savedSlot.replaceChildren();
+      for (const el of Object.values(fieldErr)) if (el) el.textContent = "";
+      const next: PolicyConfig = { ...structuredClone(current!), mode: modeSel.value as PolicyConfig["mode"], schedule };
+      const bad: Partial<Record<string, string>> = {};
+      for (const n of numInputs) {
+        const txt = n.input.value.trim();
+        const v = txt === "" ? NaN : Number(txt);
+        (next as unknown as Record<string, unknown>)[n.f.key] = n.f.percent ? v / 100 : v;
+        if (n.f.percent && Number.isFinite(v) && (v < 0 || v > 100)) bad[n.f.key] = "Between 0 and 100 %.";
+      }
+      for (const b of boolInputs) (next as unknown as Record<string, unknown>)[b.b.key] = b.input.checked;
+      Object.assign(bad, validatePolicy(next), { ...bad });
+      const keys = Object.keys(bad).filter((k) => bad[k]);
+      if (keys.length) {
+        for (const k of keys) if (fieldErr[k]) fieldErr[k]!.textContent = bad[k]!;
+        topErr.textContent = "Some values need fixing.";
+        topErr.hidden = false;
+        form.querySelector<HTMLElement>(`#setting-${keys[0]}`)?.focus();
+        return;
+      }
+      saveBtn.disabled = true;
+      try {
+        const saved = await api.setPolicy(next);
+        if (!alive) return;
+        build(saved);
+        savedSlot.replaceChildren(h("p", { class: "ok", "data-testid": "settings-saved" }, "Saved."));
+      } catch (e) {
+        const err = toApiError(e);
+        topErr.textContent = `Not saved: ${err.message}`;
+        topErr.hidden = false;
+        // Point at the field the node named, if any.
+        const m = /`([a-z_]+)`/.exec(err.message);
+        if (m && fieldErr[m[1]]) fieldErr[m[1]]!.textContent = err.message;
+      } finally {
+        saveBtn.disabled = false;
+      }
+    };
+  };
+
+  const load = async () => {
+    topErr.hidden = true;
+    try {
+      const p = await api.policy();
+      if (alive) build(p);
+    } catch (e) {
+      const err = toApiError(e);
+      topErr.textContent = `${err.message} (${err.code})`;
+      topErr.hidden = false;
+    }
+  };
+
+  root.append(h("section", { class: "panel", "aria-labelledby": "settings-h" }, h("h1", { id: "settings-h" }, "Settings"), topErr, form, savedSlot));
+  void load();
+  return () => {
+    alive = false;
+  };
+}

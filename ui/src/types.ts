@@ -1,0 +1,332 @@
+// TypeScript types for the node's local API, written from crates/node/openapi.json
+// (components.schemas). Names follow the schema names. Keep them in step with that file:
+// src/schema.test.ts validates the fixtures (real responses) against it.
+
+/** A value read from the system, or why it could not be. */
+export type Reading<T> = { known: T } | { unknown: string };
+
+export type RunState = "running" | "throttled" | "draining" | "paused";
+export type Mode = "quiet" | "balanced" | "max" | "only_when_away";
+export const MODES: readonly Mode[] = ["quiet", "balanced", "max", "only_when_away"];
+export type Reachability = "unknown" | "public" | "private";
+export type PauseCause =
+  | "starting"
+  | "user"
+  | "snoozed"
+  | "finished"
+  | "in_use"
+  | "idle_unknown"
+  | "fullscreen"
+  | "other_gpu_use"
+  | "on_battery"
+  | "low_battery"
+  | "schedule";
+
+export type Directive =
+  | { kind: "run"; level: number; reason: string; until: number | null }
+  | { kind: "pace"; duty: number; reason: string; until: number | null }
+  | { kind: "drain"; reason: string; until: number | null }
+  | { kind: "paused"; cause: PauseCause; reason: string; until: number | null };
+
+export interface HostedStatus {
+  id: string;
+  title: string;
+  publisher: string | null;
+  uids: string[];
+  forward_samples: number;
+  backward_samples: number;
+  optimizer_steps: number;
+  queued_rows: number;
+  accepting: boolean;
+  withdrawn: boolean;
+}
+
+export interface ActivitySample {
+  idle_s: Reading<number>;
+  locked: Reading<boolean>;
+  fullscreen: Reading<boolean>;
+  inhibited: Reading<boolean>;
+}
+
+export interface GpuSample {
+  index: number;
+  name: Reading<string>;
+  /** 0..1 */
+  utilization: Reading<number>;
+  /** 0..1 */
+  other_utilization: Reading<number>;
+  memory_total: Reading<number>;
+  memory_used: Reading<number>;
+  memory_ours: Reading<number>;
+  memory_others: Reading<number>;
+  temperature_c: Reading<number>;
+  power_w: Reading<number>;
+  fan_percent: Reading<number>;
+}
+
+export interface PowerSample {
+  on_ac: Reading<boolean>;
+  battery_percent: Reading<number>;
+}
+
+export interface SystemSample {
+  cpu_percent: Reading<number>;
+  memory_used: Reading<number>;
+  memory_total: Reading<number>;
+  load_1m: Reading<number>;
+}
+
+export interface Sample {
+  taken_at: number;
+  activity: ActivitySample;
+  gpus: Reading<GpuSample[]>;
+  power: PowerSample;
+  system: SystemSample;
+  in_flight: Reading<number>;
+}
+
+export interface NodeStatus {
+  state: RunState;
+  reason: string;
+  until: number | null;
+  directive: Directive;
+  experiments: HostedStatus[];
+  peer_id: string;
+  maddrs: string[];
+  peers: number;
+  reachability: Reachability;
+  telemetry: Sample | null;
+}
+
+/** What the node emits (tagged by `event`). */
+export type NodeEvent =
+  | { event: "joined"; id: string; uids: string[] }
+  | { event: "left"; id: string; reason: string }
+  | { event: "paused"; reason: string }
+  | { event: "resumed"; reason: string }
+  | { event: "error"; message: string }
+  | { event: "notice"; message: string };
+export type EventKind = NodeEvent["event"];
+export const EVENT_KINDS: readonly EventKind[] = ["joined", "left", "paused", "resumed", "error", "notice"];
+
+/** A `NodeEvent` with `at` (unix seconds), as `/api/log` keeps it. */
+export type LoggedEvent = NodeEvent & { at: number };
+
+/** One text frame of `/api/events`. */
+export type EventsFrame =
+  | ({ type: "status" } & NodeStatus)
+  | ({ type: "event" } & NodeEvent)
+  | { type: "lagged"; missed: number };
+
+export interface Ok {
+  ok: true;
+}
+
+export interface ScheduleWindow {
+  days: ("mon" | "tue" | "wed" | "thu" | "fri" | "sat" | "sun")[];
+  /** minutes after local midnight, 0..=1440 */
+  start_minute: number;
+  end_minute: number;
+}
+
+export interface Schedule {
+  utc_offset_minutes: number;
+  windows: ScheduleWindow[];
+}
+
+export interface PolicyConfig {
+  mode: Mode;
+  idle_threshold_s: number;
+  in_use_level: number;
+  away_level: number;
+  quiet_in_use_level: number;
+  quiet_away_level: number;
+  manual_in_use_level: number;
+  gpu_other_threshold: number;
+  pause_on_fullscreen: boolean;
+  pause_on_battery: boolean;
+  min_battery_percent: number;
+  temperature_target_c: number;
+  cooldown_s: number;
+  finish_timeout_s: number;
+  schedule: Schedule | null;
+}
+
+export type ExperimentStatus = "recruiting" | "training" | "finished";
+export type Placement = "cpu" | { gpu: { index: number } };
+
+export interface StatusRecord {
+  experiment: string;
+  volunteers: number;
+  experts_covered: number;
+  grid_experts: number;
+  samples_per_s: number;
+  loss?: number;
+  step: number;
+  updated_at: number;
+}
+
+export interface Fit {
+  level: "fits" | "tight" | "does_not_fit";
+  placement: Placement | null;
+  per_expert_mb: number;
+  budget_mb: number;
+  max_experts: number;
+  reasons: string[];
+}
+
+export interface Need {
+  grid_experts: number;
+  covered: number;
+  uncovered_share: number;
+  min_replicas: number;
+  mean_replicas: number;
+  score: number;
+  label: "high" | "moderate" | "low";
+}
+
+export interface OptimizerSpec {
+  name: string;
+  lr: number;
+  betas?: number[];
+  eps?: number;
+  weight_decay?: number;
+  momentum?: number;
+  dampening?: number;
+  nesterov?: boolean;
+}
+
+export interface ExpertSpec {
+  kind: string;
+  hidden_dim: number;
+  max_batch_size: number;
+  optimizer: OptimizerSpec;
+  schedule: { name: string; warmup_steps?: number; training_steps?: number };
+  clip_grad_norm?: number;
+  dtype: string;
+  init_seed: number;
+}
+
+export interface Requirements {
+  min_ram_mb_per_expert: number;
+  min_vram_mb_per_expert: number;
+  bandwidth_mbps: number;
+  disk_mb: number;
+}
+
+export interface Manifest {
+  schema_version: number;
+  id: string;
+  title: string;
+  summary: string;
+  description: string;
+  homepage?: string;
+  created: number;
+  expires: number;
+  status: ExperimentStatus;
+  uid_prefix: string;
+  grid: number[];
+  bootstrap_peers: string[];
+  trainer_status_url?: string;
+  publisher: { name: string; public_key: string };
+  expert: ExpertSpec;
+  requirements: Requirements;
+}
+
+export interface Card {
+  id: string;
+  source: "bundled" | "dht";
+  publisher: string;
+  fingerprint: string | null;
+  status: ExperimentStatus;
+  volunteers: number;
+  covered: number;
+  live: StatusRecord | null;
+  fit: Fit;
+  need: Need;
+  manifest: Manifest;
+}
+
+export interface JoinPlan {
+  experiment: string;
+  uids: string[];
+  placement: Placement;
+  per_expert_mb: number;
+  total_mb: number;
+  budget_mb: number;
+  expected_share: number;
+  explanation: string[];
+}
+
+export interface Preview {
+  card: Card;
+  plan: JoinPlan | null;
+  why_not: string | null;
+}
+
+export interface JoinOptions {
+  maxExperts?: number | null;
+  publisher?: string | null;
+}
+
+export interface Counters {
+  forward_calls: number;
+  backward_calls: number;
+  forward_samples: number;
+  backward_samples: number;
+  optimizer_steps: number;
+  cpu_seconds: number;
+  gpu_seconds: number;
+  flops: number;
+  bytes_in: number;
+  bytes_out: number;
+  errors: number;
+}
+
+export interface Totals {
+  counters: Counters;
+  uptime_seconds: number;
+  energy_kwh: number;
+  measured_energy_kwh: number;
+  cost: number | null;
+  currency: string;
+}
+
+export interface Row {
+  start: number;
+  experiment: string | null;
+  counters: Counters;
+  uptime_seconds: number;
+  energy_kwh: number;
+  measured_energy_kwh: number;
+  cost: number | null;
+}
+
+export type Bucket = "hour" | "day";
+
+/** The ledger filter (query parameters of /api/contributions, /api/history, /api/export.csv). */
+export interface Filter {
+  experiment?: string;
+  uid?: string;
+  /** unix seconds, inclusive */
+  from?: number;
+  /** unix seconds */
+  to?: number;
+}
+
+export type ErrorCode =
+  | "bad_request"
+  | "websocket_required"
+  | "unauthorized"
+  | "forbidden"
+  | "not_found"
+  | "method_not_allowed"
+  | "already_joined"
+  | "not_joined"
+  | "ambiguous_publisher"
+  | "too_large"
+  | "cannot_plan"
+  | "bad_manifest"
+  | "stopped"
+  | "busy"
+  | "internal";
