@@ -90,6 +90,8 @@ export interface NodeStatus {
   reason: string;
   until: number | null;
   directive: Directive;
+  /** The mode in effect (the settings' `policy.mode`). */
+  mode: Mode;
   experiments: HostedStatus[];
   peer_id: string;
   maddrs: string[];

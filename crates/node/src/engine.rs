@@ -462,6 +462,7 @@ impl Engine {
             reason: d.reason().to_owned(),
             until: d.until(),
             directive: d.clone(),
+            mode: self.config.borrow().policy.mode,
             experiments,
             peer_id: peer_id.to_base58(),
             maddrs,

@@ -79,7 +79,7 @@ pub use api::{ApiConfig, ApiServer};
 /// The types the node's API takes and returns, re-exported so that a UI shell (the desktop app) needs
 /// no other Apiary crate.
 pub use apiary_catalog::{Card, JoinPlan};
-pub use apiary_governor::{Mode, PolicyConfig, Probes};
+pub use apiary_governor::{Directive, Mode, PauseCause, PolicyConfig, Probes, Reading, Sample};
 pub use apiary_ledger::{Bucket, Filter, Row, Totals};
 pub use config::{CONFIG_FILE, ConfigError, NodeConfig, TEMPERATURE_TARGET_C, check_policy, planning_mode};
 pub use error::NodeError;
@@ -217,6 +217,7 @@ impl Node {
             reason: directive.reason().to_owned(),
             until: directive.until(),
             directive,
+            mode: config.policy.mode,
             experiments: Vec::new(),
             peer_id: p2p.local_peer_id().to_base58(),
             maddrs: Vec::new(),

@@ -74,6 +74,9 @@ pub struct NodeStatus {
     pub until: Option<f64>,
     /// The governor's directive in full.
     pub directive: Directive,
+    /// The mode in effect (the settings' `policy.mode`), so that every UI follows a change made
+    /// elsewhere (the tray, `apiary node mode`).
+    pub mode: apiary_governor::Mode,
     /// The joined experiments.
     pub experiments: Vec<HostedStatus>,
     /// This node's peer id (base58).

@@ -439,7 +439,7 @@ fn the_validator_refuses_what_does_not_match() {
     let doc = document();
     let status = json!({
         "state": "paused", "reason": "Paused by you", "until": null,
-        "directive": { "kind": "paused", "cause": "user", "reason": "Paused by you", "until": null },
+        "directive": { "kind": "paused", "cause": "user", "reason": "Paused by you", "until": null }, "mode": "balanced",
         "experiments": [], "peer_id": "12D3KooW", "maddrs": [], "peers": 0, "reachability": "unknown", "telemetry": null
     });
     let node_status = schema_ref("NodeStatus");

@@ -80,6 +80,28 @@ fn system_packages() -> Result<()> {
     if !crate::dashboard::has_chromium() {
         missing.extend(["chromium", "fonts-dejavu-core"]);
     }
+    // the desktop app (src-tauri, Tauri 2) builds against WebKitGTK, GTK, the app indicator and librsvg
+    for (library, package) in [
+        ("webkit2gtk-4.1", "libwebkit2gtk-4.1-dev"),
+        ("gtk+-3.0", "libgtk-3-dev"),
+        ("ayatana-appindicator3-0.1", "libayatana-appindicator3-dev"),
+        ("librsvg-2.0", "librsvg2-dev"),
+        ("openssl", "libssl-dev"),
+    ] {
+        if !succeeds(Command::new("pkg-config").args(["--exists", library])) {
+            missing.push(package);
+        }
+    }
+    if !succeeds(Command::new("sh").args(["-c", "command -v pkg-config"])) {
+        missing.push("pkg-config");
+    }
+    // libxdo ships no pkg-config file: look for its development link
+    if !succeeds(Command::new("sh").args([
+        "-c",
+        "ls /usr/lib/*/libxdo.so /usr/lib/libxdo.so 2>/dev/null | grep -q .",
+    ])) {
+        missing.push("libxdo-dev");
+    }
     if missing.is_empty() {
         eprintln!("==> system packages: all present");
         return Ok(());

@@ -262,6 +262,8 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
     pauseBtn.hidden = stopped;
     resumeBtn.hidden = !stopped;
     finishBtn.hidden = stopped;
+    // follow a mode changed elsewhere (the tray, `apiary node mode`), unless the user is choosing one
+    if (s.mode && document.activeElement !== modeSel && modeSel.value !== s.mode) modeSel.value = s.mode;
 
     const t = s.telemetry;
     const cpuV = t ? known(t.system.cpu_percent) : null;

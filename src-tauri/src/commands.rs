@@ -1,0 +1,197 @@
+//! The dashboard's commands: each a thin call into [`NodeHandle`] (the same operations as the node's
+//! local HTTP API, with the same names the UI's IPC transport invokes).
+
+use std::time::Duration;
+
+use apiary_node::{
+    Bucket, Card, Filter, JoinOptions, JoinPlan, LoggedEvent, Mode, NodeHandle, NodeStatus, PolicyConfig,
+    Preview, Row, Totals,
+};
+use tauri::State;
+use tauri_plugin_autostart::ManagerExt;
+
+use crate::error::UiError;
+
+/// What the commands reach: the embedded node.
+#[derive(Debug)]
+pub struct AppState {
+    pub node: NodeHandle,
+}
+
+type Result<T> = std::result::Result<T, UiError>;
+
+/// The longest snooze (a year), as the local API allows.
+const MAX_SNOOZE_S: f64 = 365.0 * 86_400.0;
+
+#[tauri::command]
+pub fn status(state: State<'_, AppState>) -> NodeStatus {
+    state.node.status().borrow().clone()
+}
+
+#[tauri::command]
+pub async fn pause(state: State<'_, AppState>) -> Result<()> {
+    Ok(state.node.pause().await?)
+}
+
+#[tauri::command]
+pub async fn resume(state: State<'_, AppState>) -> Result<()> {
+    Ok(state.node.resume().await?)
+}
+
+#[tauri::command]
+pub async fn finish(state: State<'_, AppState>) -> Result<()> {
+    Ok(state.node.finish().await?)
+}
+
+#[tauri::command]
+pub async fn snooze(state: State<'_, AppState>, seconds: f64) -> Result<()> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SNOOZE_S) {
+        return Err(UiError::bad_request(format!(
+            "`seconds` must be a number in (0, {MAX_SNOOZE_S}]"
+        )));
+    }
+    Ok(state.node.snooze(Duration::from_secs_f64(seconds)).await?)
+}
+
+#[tauri::command]
+pub async fn set_mode(state: State<'_, AppState>, mode: Mode) -> Result<()> {
+    Ok(state.node.set_mode(mode).await?)
+}
+
+#[tauri::command]
+pub fn policy(state: State<'_, AppState>) -> PolicyConfig {
+    state.node.config().policy
+}
+
+#[tauri::command]
+pub async fn set_policy(state: State<'_, AppState>, policy: PolicyConfig) -> Result<PolicyConfig> {
+    apiary_node::check_policy(&policy).map_err(UiError::bad_request)?;
+    state.node.set_policy(policy).await?;
+    Ok(state.node.config().policy)
+}
+
+#[tauri::command]
+pub async fn experiments(state: State<'_, AppState>) -> Result<Vec<Card>> {
+    Ok(state.node.experiments().await?)
+}
+
+#[tauri::command]
+pub async fn show_experiment(
+    state: State<'_, AppState>,
+    id: String,
+    publisher: Option<String>,
+) -> Result<Preview> {
+    check_id(&id)?;
+    Ok(state.node.show(&id, publisher.as_deref()).await?)
+}
+
+#[tauri::command]
+pub async fn join(
+    state: State<'_, AppState>,
+    id: String,
+    max_experts: Option<usize>,
+    publisher: Option<String>,
+) -> Result<JoinPlan> {
+    check_id(&id)?;
+    Ok(state
+        .node
+        .join(
+            &id,
+            JoinOptions {
+                max_experts,
+                publisher,
+            },
+        )
+        .await?)
+}
+
+#[tauri::command]
+pub async fn leave(state: State<'_, AppState>, id: String) -> Result<()> {
+    check_id(&id)?;
+    Ok(state.node.leave(&id).await?)
+}
+
+#[tauri::command]
+pub async fn contributions(state: State<'_, AppState>, filter: Option<Filter>) -> Result<Totals> {
+    Ok(state.node.contributions(filter.unwrap_or_default()).await?)
+}
+
+#[tauri::command]
+pub async fn history(
+    state: State<'_, AppState>,
+    filter: Option<Filter>,
+    bucket: Option<String>,
+) -> Result<Vec<Row>> {
+    Ok(state
+        .node
+        .history(filter.unwrap_or_default(), bucket_of(bucket.as_deref())?)
+        .await?)
+}
+
+#[tauri::command]
+pub async fn export_csv(
+    state: State<'_, AppState>,
+    filter: Option<Filter>,
+    bucket: Option<String>,
+) -> Result<String> {
+    Ok(state
+        .node
+        .export_csv(filter.unwrap_or_default(), bucket_of(bucket.as_deref())?)
+        .await?)
+}
+
+#[tauri::command]
+pub fn log(state: State<'_, AppState>, limit: Option<usize>) -> Vec<LoggedEvent> {
+    let events = state.node.recent_events();
+    let skip = limit.map_or(0, |n| events.len().saturating_sub(n));
+    events.into_iter().skip(skip).collect()
+}
+
+/// Whether the app starts with the user's session.
+#[tauri::command]
+pub fn autostart(app: tauri::AppHandle) -> Result<bool> {
+    app.autolaunch()
+        .is_enabled()
+        .map_err(|e| UiError::internal(e.to_string()))
+}
+
+/// Starts the app with the user's session (or not); opt-in from the wizard or the settings.
+#[tauri::command]
+pub fn set_autostart(app: tauri::AppHandle, enabled: bool) -> Result<bool> {
+    let launcher = app.autolaunch();
+    let done = if enabled {
+        launcher.enable()
+    } else {
+        launcher.disable()
+    };
+    done.map_err(|e| UiError::internal(e.to_string()))?;
+    launcher
+        .is_enabled()
+        .map_err(|e| UiError::internal(e.to_string()))
+}
+
+/// Runs one of the tray menu's actions by its id (`pause_1h`, `resume`, `mode_quiet`, …): the menu's
+/// behaviour, reachable from the window and from tests (Linux trays cannot be clicked by a test).
+#[tauri::command]
+pub async fn tray_action(app: tauri::AppHandle, id: String) -> Result<()> {
+    crate::tray::act(&app, &id).await
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+        return Err(UiError::bad_request(
+            "an experiment id is 1 to 256 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+fn bucket_of(text: Option<&str>) -> Result<Bucket> {
+    match text.unwrap_or("hour") {
+        "hour" => Ok(Bucket::Hour),
+        "day" => Ok(Bucket::Day),
+        other => Err(UiError::bad_request(format!(
+            "`bucket` is `hour` or `day`, not `{other}`"
+        ))),
+    }
+}

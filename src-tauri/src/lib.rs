@@ -1,0 +1,143 @@
+//! Apiary's desktop app (Tauri 2): the volunteer node (`apiary-node`, its only engine dependency) runs
+//! in this process; the tray carries every action; the dashboard (`ui/`) talks to the node through the
+//! commands in [`commands`] and the events in [`events`]. The node's local HTTP API is served too, so
+//! `apiary node status|pause|…` and a browser reach the same node.
+//!
+//! Closing the window keeps the app in the tray; Quit leaves the experiments cleanly (in-flight work
+//! drained, declarations withdrawn, checkpoints saved) before exiting. A second launch shows the first
+//! instance's window. `--minimized` (the autostart entry) starts without showing the window.
+
+pub mod commands;
+pub mod error;
+pub mod events;
+pub mod tray;
+
+use apiary_node::{ApiConfig, Node, NodeConfig, Probes};
+use tauri::{AppHandle, Manager, WindowEvent};
+
+use crate::commands::AppState;
+
+/// The dashboard window's label.
+pub const MAIN_WINDOW: &str = "main";
+
+/// Starts the app; returns when it quits.
+pub fn run() {
+    let built = tauri::Builder::default()
+        // first: a second launch hands over to this one and exits
+        .plugin(tauri_plugin_single_instance::init(|app, _args, _cwd| {
+            show_window(app, None);
+        }))
+        .plugin(tauri_plugin_autostart::init(
+            tauri_plugin_autostart::MacosLauncher::LaunchAgent,
+            Some(vec!["--minimized"]),
+        ))
+        .plugin(tauri_plugin_notification::init())
+        // the node's `tracing` events reach it as `log` records (tracing's `log` feature, no tracing
+        // subscriber in the app): stdout and a file in the platform's log folder
+        .plugin(
+            tauri_plugin_log::Builder::new()
+                .level(log_level())
+                // their span records are noise at info
+                .level_for("zbus", log::LevelFilter::Warn)
+                .level_for("tracing::span", log::LevelFilter::Warn)
+                .build(),
+        )
+        .setup(|app| {
+            let handle = app.handle().clone();
+            let node = tauri::async_runtime::block_on(start_node())?;
+            app.manage(AppState { node: node.clone() });
+            let tray = tray::build(&handle)?;
+            app.manage(tray);
+            events::spawn(handle.clone(), node.clone());
+            tauri::async_runtime::spawn(async move {
+                match apiary_node::api::serve(node, ApiConfig::default()).await {
+                    Ok(api) => {
+                        tracing::info!(addr = %api.addr(), "local API for `apiary node …` and browsers");
+                        // served for the app's lifetime
+                        std::mem::forget(api);
+                    }
+                    Err(e) => tracing::warn!("no local API (another node may be running): {e}"),
+                }
+            });
+            if std::env::args().any(|a| a == "--minimized")
+                && let Some(window) = app.get_webview_window(MAIN_WINDOW)
+            {
+                let _ = window.hide();
+            }
+            Ok(())
+        })
+        .on_window_event(|window, event| {
+            // closing the window keeps the app (and the node) in the tray
+            if let WindowEvent::CloseRequested { api, .. } = event
+                && window.label() == MAIN_WINDOW
+            {
+                let _ = window.hide();
+                api.prevent_close();
+            }
+        })
+        .invoke_handler(tauri::generate_handler![
+            commands::status,
+            commands::pause,
+            commands::resume,
+            commands::finish,
+            commands::snooze,
+            commands::set_mode,
+            commands::policy,
+            commands::set_policy,
+            commands::experiments,
+            commands::show_experiment,
+            commands::join,
+            commands::leave,
+            commands::contributions,
+            commands::history,
+            commands::export_csv,
+            commands::log,
+            commands::autostart,
+            commands::set_autostart,
+            commands::tray_action,
+        ])
+        .build(tauri::generate_context!());
+    match built {
+        Ok(app) => app.run(|_, _| {}),
+        Err(e) => {
+            eprintln!("apiary-desktop: cannot start: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `RUST_LOG=debug` (or `trace`, `warn`, …) changes it; default info.
+fn log_level() -> log::LevelFilter {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(log::LevelFilter::Info)
+}
+
+/// The node with the user's settings (`<config dir>/apiary/node.toml`) and this computer's probes.
+async fn start_node() -> Result<apiary_node::NodeHandle, Box<dyn std::error::Error>> {
+    let path = NodeConfig::default_path()?;
+    Ok(Node::spawn_from(&path, Probes::platform()).await?)
+}
+
+/// Shows, unminimizes and focuses the dashboard, at `route` (`#/experiments`) when given.
+pub fn show_window(app: &AppHandle, route: Option<&str>) {
+    if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
+        if let Some(route) = route {
+            let _ = window.eval(format!("window.location.hash = {}", serde_json::json!(route)));
+        }
+        let _ = window.show();
+        let _ = window.unminimize();
+        let _ = window.set_focus();
+    }
+}
+
+/// Leaves the experiments cleanly, then exits.
+pub async fn quit(app: &AppHandle) {
+    if let Some(state) = app.try_state::<AppState>()
+        && let Err(e) = state.node.shutdown().await
+    {
+        tracing::warn!("stopping the node: {e}");
+    }
+    app.exit(0);
+}

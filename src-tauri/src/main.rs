@@ -1,0 +1,6 @@
+// no console window next to the app on Windows release builds
+#![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
+
+fn main() {
+    apiary_desktop::run();
+}
