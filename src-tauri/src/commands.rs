@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use apiary_node::{
-    Bucket, Card, Filter, JoinOptions, JoinPlan, LoggedEvent, Mode, NodeHandle, NodeStatus, PolicyConfig,
-    Preview, Row, Totals,
+    Bucket, Card, Filter, JoinOptions, JoinPlan, LoggedEvent, MachineProfile, Mode, NodeHandle, NodeStatus,
+    PolicyConfig, Preview, Row, Totals,
 };
 use tauri::State;
 use tauri_plugin_autostart::ManagerExt;
@@ -68,6 +68,12 @@ pub async fn set_policy(state: State<'_, AppState>, policy: PolicyConfig) -> Res
     apiary_node::check_policy(&policy).map_err(UiError::bad_request)?;
     state.node.set_policy(policy).await?;
     Ok(state.node.config().policy)
+}
+
+/// This computer as the catalog's fit sees it (the wizard's hardware check).
+#[tauri::command]
+pub async fn machine(state: State<'_, AppState>) -> Result<MachineProfile> {
+    Ok(state.node.machine_profile().await)
 }
 
 #[tauri::command]

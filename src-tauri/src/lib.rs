@@ -84,6 +84,7 @@ pub fn run() {
             commands::set_mode,
             commands::policy,
             commands::set_policy,
+            commands::machine,
             commands::experiments,
             commands::show_experiment,
             commands::join,

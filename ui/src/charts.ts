@@ -65,12 +65,21 @@ export function makeChart(container: HTMLElement, spec: ChartSpec): Chart | null
   const xRange = spec.xRange;
   if (xRange) scales.x.range = (_u, min, max) => xRange(min, max);
   if (spec.range) scales.y = { range: spec.range };
+  // tick labels stay short enough for the axis' 50 px: 20000 → "20k"
+  const ticks = (_u: uPlot, splits: number[]) => splits.map(compactNumber);
   const axes: uPlot.Axis[] = [
     { stroke: axisColor, grid: { stroke: gridColor, width: 1 }, ticks: { stroke: gridColor } },
-    { stroke: axisColor, grid: { stroke: gridColor, width: 1 }, ticks: { stroke: gridColor }, label: spec.leftAxis, size: 50 },
+    {
+      stroke: axisColor,
+      grid: { stroke: gridColor, width: 1 },
+      ticks: { stroke: gridColor },
+      label: spec.leftAxis,
+      size: 50,
+      values: ticks,
+    },
   ];
   if (spec.rightAxis) {
-    axes.push({ scale: "r", side: 1, stroke: axisColor, grid: { show: false }, label: spec.rightAxis, size: 50 });
+    axes.push({ scale: "r", side: 1, stroke: axisColor, grid: { show: false }, label: spec.rightAxis, size: 50, values: ticks });
   }
   const opts: uPlot.Options = {
     title: spec.title,
@@ -121,4 +130,12 @@ export function makeChart(container: HTMLElement, spec: ChartSpec): Chart | null
       plot.destroy();
     },
   };
+}
+
+/** A tick label of at most about five characters: 950, 1.5k, 20k, 3.2M. */
+export function compactNumber(v: number): string {
+  const a = Math.abs(v);
+  const [scaled, suffix] = a >= 1e9 ? [v / 1e9, "G"] : a >= 1e6 ? [v / 1e6, "M"] : a >= 1e3 ? [v / 1e3, "k"] : [v, ""];
+  const digits = Math.abs(scaled) >= 100 || Number.isInteger(scaled) ? 0 : 1;
+  return `${scaled.toFixed(digits)}${suffix}`;
 }

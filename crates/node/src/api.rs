@@ -21,6 +21,7 @@
 //! | GET | `/api/history?bucket=hour\|day&experiment=&uid=&from=&to=` | | [`Row`](apiary_ledger::Row)s |
 //! | GET | `/api/export.csv?bucket=&experiment=&uid=&from=&to=` | | `text/csv` |
 //! | GET | `/api/log?limit=` | | [`LoggedEvent`](crate::LoggedEvent)s, oldest first (the last 500 at most) |
+//! | GET | `/api/machine` | | [`MachineProfile`](crate::MachineProfile): cores, RAM, free disk, GPUs |
 //! | GET | `/api/openapi.json` | | this table as an OpenAPI 3.1 document (`crates/node/openapi.json`) |
 //!
 //! Everything else is the dashboard: the files of [`ApiConfig::ui_dir`] (`index.html` for a folder),
@@ -340,6 +341,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/history", get(history))
         .route("/api/export.csv", get(export_csv))
         .route("/api/log", get(log))
+        .route("/api/machine", get(machine))
         .route("/api/openapi.json", get(openapi))
         .fallback(static_files)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -648,6 +650,10 @@ async fn set_policy(State(state): Shared, body: Result<Bytes, BytesRejection>) -
     crate::config::check_policy(&policy).map_err(ApiError::bad_request)?;
     state.node.set_policy(policy).await?;
     ok_json(&state.node.config().policy)
+}
+
+async fn machine(State(state): Shared) -> ApiResult {
+    ok_json(&state.node.machine_profile().await)
 }
 
 async fn experiments(State(state): Shared) -> ApiResult {

@@ -78,7 +78,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub use api::{ApiConfig, ApiServer};
 /// The types the node's API takes and returns, re-exported so that a UI shell (the desktop app) needs
 /// no other Apiary crate.
-pub use apiary_catalog::{Card, JoinPlan};
+pub use apiary_catalog::{Card, GpuProfile, JoinPlan, MachineProfile};
 pub use apiary_governor::{Directive, Mode, PauseCause, PolicyConfig, Probes, Reading, Sample};
 pub use apiary_ledger::{Bucket, Filter, Row, Totals};
 pub use config::{CONFIG_FILE, ConfigError, NodeConfig, TEMPERATURE_TARGET_C, check_policy, planning_mode};
@@ -536,6 +536,12 @@ impl NodeHandle {
                 DhtCatalog::default()
             }
         }
+    }
+
+    /// This computer as the catalog's fit sees it (cores, RAM, free disk where the data lives, GPUs):
+    /// the first-run wizard's hardware check.
+    pub async fn machine_profile(&self) -> MachineProfile {
+        self.machine().await
     }
 
     async fn machine(&self) -> apiary_catalog::MachineProfile {

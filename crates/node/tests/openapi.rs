@@ -605,6 +605,7 @@ async fn real_responses_match_the_documented_schemas() {
     assert_eq!(status["state"], "paused");
     assert!(status["telemetry"].is_object(), "{status}");
     check(&c, &doc, "get", "/api/policy", "/api/policy", ok).await;
+    check(&c, &doc, "get", "/api/machine", "/api/machine", ok).await;
     let cards = check(&c, &doc, "get", "/api/experiments", "/api/experiments", ok).await;
     assert!(!cards.as_array().unwrap().is_empty(), "{cards}");
     let show = format!("/api/experiments/{LOCAL_DEMO_ID}");

@@ -206,14 +206,7 @@ fn table(
     let memcpy = find(apiary, "memcpy")?;
     let alloc_memcpy = find(apiary, "alloc+memcpy")?;
     let mut t = String::new();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpu = cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     writeln!(
         t,
@@ -503,15 +496,7 @@ fn server_table(
         num(hivemind, "samples_per_s")?,
     );
     let local = num(apiary, "local_samples_per_s")?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpu = cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut t = String::new();
     writeln!(
@@ -923,15 +908,7 @@ mod moe {
         let num = |v: &Value, k: &str| v[k].as_f64().with_context(|| format!("{k} missing in {v}"));
         let first = rows.first().context("no measurements")?;
         let a = &first.apiary;
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown CPU".to_owned());
+        let cpu = super::cpu_model();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut t = String::new();
         writeln!(
@@ -1038,4 +1015,17 @@ mod moe {
         }
         Ok(t)
     }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), for the benchmark tables.
+pub(crate) fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
 }

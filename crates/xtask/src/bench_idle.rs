@@ -528,15 +528,7 @@ fn table(
     hivemind: &Footprint,
     probes: &Value,
 ) -> Result<String> {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpu = crate::bench::cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut t = String::new();
     writeln!(
