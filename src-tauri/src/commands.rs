@@ -1,8 +1,6 @@
 //! The dashboard's commands: each a thin call into [`NodeHandle`] (the same operations as the node's
 //! local HTTP API, with the same names the UI's IPC transport invokes).
 
-use std::time::Duration;
-
 use apiary_node::{
     Bucket, Card, Filter, JoinOptions, JoinPlan, LoggedEvent, MachineProfile, Mode, NodeHandle, NodeStatus,
     PolicyConfig, Preview, Row, Totals,
@@ -19,9 +17,6 @@ pub struct AppState {
 }
 
 type Result<T> = std::result::Result<T, UiError>;
-
-/// The longest snooze (a year), as the local API allows.
-const MAX_SNOOZE_S: f64 = 365.0 * 86_400.0;
 
 #[tauri::command]
 pub fn status(state: State<'_, AppState>) -> NodeStatus {
@@ -45,12 +40,8 @@ pub async fn finish(state: State<'_, AppState>) -> Result<()> {
 
 #[tauri::command]
 pub async fn snooze(state: State<'_, AppState>, seconds: f64) -> Result<()> {
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SNOOZE_S) {
-        return Err(UiError::bad_request(format!(
-            "`seconds` must be a number in (0, {MAX_SNOOZE_S}]"
-        )));
-    }
-    Ok(state.node.snooze(Duration::from_secs_f64(seconds)).await?)
+    let duration = apiary_node::check_snooze(seconds).map_err(UiError::bad_request)?;
+    Ok(state.node.snooze(duration).await?)
 }
 
 #[tauri::command]
@@ -148,9 +139,7 @@ pub async fn export_csv(
 
 #[tauri::command]
 pub fn log(state: State<'_, AppState>, limit: Option<usize>) -> Vec<LoggedEvent> {
-    let events = state.node.recent_events();
-    let skip = limit.map_or(0, |n| events.len().saturating_sub(n));
-    events.into_iter().skip(skip).collect()
+    state.node.recent_events(limit)
 }
 
 /// Whether the app starts with the user's session.
@@ -184,12 +173,7 @@ pub async fn tray_action(app: tauri::AppHandle, id: String) -> Result<()> {
 }
 
 fn check_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-        return Err(UiError::bad_request(
-            "an experiment id is 1 to 256 printable characters",
-        ));
-    }
-    Ok(())
+    apiary_node::check_experiment_id(id).map_err(UiError::bad_request)
 }
 
 fn bucket_of(text: Option<&str>) -> Result<Bucket> {

@@ -81,8 +81,6 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`ApiServer::shutdown`] waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// The longest snooze accepted (a year).
-const MAX_SNOOZE_S: f64 = 365.0 * 86_400.0;
 
 /// How to serve the local API.
 #[derive(Clone, PartialEq, Eq)]
@@ -620,12 +618,8 @@ struct SnoozeRequest {
 
 async fn snooze(State(state): Shared, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let SnoozeRequest { seconds } = parse_json(body, None)?;
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SNOOZE_S) {
-        return Err(ApiError::bad_request(format!(
-            "`seconds` must be a number in (0, {MAX_SNOOZE_S}]"
-        )));
-    }
-    state.node.snooze(Duration::from_secs_f64(seconds)).await?;
+    let duration = crate::config::check_snooze(seconds).map_err(ApiError::bad_request)?;
+    state.node.snooze(duration).await?;
     ok()
 }
 
@@ -661,12 +655,7 @@ async fn experiments(State(state): Shared) -> ApiResult {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "an experiment id is 1 to 256 printable characters",
-        ));
-    }
-    Ok(())
+    crate::config::check_experiment_id(id).map_err(ApiError::bad_request)
 }
 
 #[derive(Deserialize)]
@@ -764,9 +753,7 @@ struct LogQuery {
 
 async fn log(State(state): Shared, query: Result<Query<LogQuery>, QueryRejection>) -> ApiResult {
     let Query(q) = query?;
-    let events = state.node.recent_events();
-    let skip = q.limit.map_or(0, |n| events.len().saturating_sub(n));
-    ok_json(&events.get(skip..).unwrap_or_default().to_vec())
+    ok_json(&state.node.recent_events(q.limit))
 }
 
 async fn export_csv(State(state): Shared, query: Result<Query<ReportQuery>, QueryRejection>) -> ApiResult {

@@ -203,6 +203,26 @@ mod seconds {
     }
 }
 
+/// The longest snooze a UI may ask for (a year), in seconds.
+pub const MAX_SNOOZE_S: f64 = 365.0 * 86_400.0;
+
+/// Checks a snooze length from a UI: a number of seconds in (0, [`MAX_SNOOZE_S`]].
+pub fn check_snooze(seconds: f64) -> Result<Duration, String> {
+    if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SNOOZE_S {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(format!("`seconds` must be a number in (0, {MAX_SNOOZE_S}]"))
+    }
+}
+
+/// Checks an experiment id from a UI: 1 to 256 characters, none of them control characters.
+pub fn check_experiment_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+        return Err("an experiment id is 1 to 256 printable characters".to_owned());
+    }
+    Ok(())
+}
+
 /// The range `temperature_target_c` may take (°C): GPUs throttle themselves above ≈ 83–90 °C.
 pub const TEMPERATURE_TARGET_C: (f64, f64) = (40.0, 95.0);
 

@@ -81,7 +81,10 @@ pub use api::{ApiConfig, ApiServer};
 pub use apiary_catalog::{Card, GpuProfile, JoinPlan, MachineProfile};
 pub use apiary_governor::{Directive, Mode, PauseCause, PolicyConfig, Probes, Reading, Sample};
 pub use apiary_ledger::{Bucket, Filter, Row, Totals};
-pub use config::{CONFIG_FILE, ConfigError, NodeConfig, TEMPERATURE_TARGET_C, check_policy, planning_mode};
+pub use config::{
+    CONFIG_FILE, ConfigError, MAX_SNOOZE_S, NodeConfig, TEMPERATURE_TARGET_C, check_experiment_id,
+    check_policy, check_snooze, planning_mode,
+};
 pub use error::NodeError;
 pub use machine::local_profile;
 use status::Events;
@@ -452,10 +455,13 @@ impl NodeHandle {
         self.inner.events.subscribe()
     }
 
-    /// The last events (at most 500), oldest first, with when they happened: the node's log for the
-    /// app's activity list.
-    pub fn recent_events(&self) -> Vec<LoggedEvent> {
-        self.inner.events.recent()
+    /// The last events (at most 500, or the newest `limit`), oldest first, with when they happened:
+    /// the node's log for the app's activity list.
+    pub fn recent_events(&self, limit: Option<usize>) -> Vec<LoggedEvent> {
+        let mut events = self.inner.events.recent();
+        let skip = limit.map_or(0, |n| events.len().saturating_sub(n));
+        events.drain(..skip);
+        events
     }
 
     /// The settings in effect (mode and policy follow `set_mode` / `set_policy`).
