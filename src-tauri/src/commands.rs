@@ -2,8 +2,8 @@
 //! local HTTP API, with the same names the UI's IPC transport invokes).
 
 use apiary_node::{
-    Bucket, Card, Filter, JoinOptions, JoinPlan, LoggedEvent, MachineProfile, Mode, NodeHandle, NodeStatus,
-    PolicyConfig, Preview, Row, Totals,
+    Bucket, Card, DeviceChoice, DeviceSetting, Filter, JoinOptions, JoinPlan, LoggedEvent, MachineProfile,
+    Mode, NodeHandle, NodeStatus, PolicyConfig, Preview, Row, Totals,
 };
 use tauri::State;
 use tauri_plugin_autostart::ManagerExt;
@@ -14,6 +14,12 @@ use crate::error::UiError;
 #[derive(Debug)]
 pub struct AppState {
     pub node: NodeHandle,
+    /// Whether the first-run wizard has been completed.
+    pub setup: crate::setup::Setup,
+    /// When the app started (for the cold-start figure the dashboard's first paint logs).
+    pub started: std::time::Instant,
+    /// Whether the dashboard has painted once.
+    pub painted: std::sync::atomic::AtomicBool,
 }
 
 type Result<T> = std::result::Result<T, UiError>;
@@ -59,6 +65,22 @@ pub async fn set_policy(state: State<'_, AppState>, policy: PolicyConfig) -> Res
     apiary_node::check_policy(&policy).map_err(UiError::bad_request)?;
     state.node.set_policy(policy).await?;
     Ok(state.node.config().policy)
+}
+
+/// Where experts joined from now on compute (`auto`, `cpu`, `cuda:N`), and whether this build can use
+/// a GPU.
+#[tauri::command]
+pub fn device(state: State<'_, AppState>) -> DeviceSetting {
+    state.node.device()
+}
+
+/// Changes where experts joined from now on compute; saved with the settings.
+#[tauri::command]
+pub async fn set_device(state: State<'_, AppState>, device: String) -> Result<DeviceSetting> {
+    let choice = device
+        .parse::<DeviceChoice>()
+        .map_err(|e| UiError::bad_request(e.to_string()))?;
+    Ok(state.node.set_device(choice).await?)
 }
 
 /// This computer as the catalog's fit sees it (the wizard's hardware check).
@@ -163,6 +185,49 @@ pub fn set_autostart(app: tauri::AppHandle, enabled: bool) -> Result<bool> {
     launcher
         .is_enabled()
         .map_err(|e| UiError::internal(e.to_string()))
+}
+
+/// Whether the first-run wizard still has to run (the node then stays paused until it ends).
+#[tauri::command]
+pub fn first_run(state: State<'_, AppState>) -> bool {
+    !state.setup.is_done()
+}
+
+/// The wizard's last step: remembers it is done, and starts work when `start` (the user chose
+/// "Start contributing"; otherwise the node stays paused until Resume).
+#[tauri::command]
+pub async fn complete_setup(state: State<'_, AppState>, start: bool) -> Result<()> {
+    state
+        .setup
+        .complete()
+        .map_err(|e| UiError::internal(format!("cannot record the finished setup: {e}")))?;
+    tracing::info!(start, "first-run wizard completed");
+    if start {
+        state.node.resume().await?;
+    }
+    Ok(())
+}
+
+/// The dashboard painted its first screen with the node's status: logged once, with the time since
+/// the app started (`cargo xtask bench desktop` reads it as the cold start).
+#[tauri::command]
+pub fn painted(state: State<'_, AppState>) {
+    if !state.painted.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        let ms = state.started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!("dashboard painted {ms:.0} ms after start");
+    }
+}
+
+/// Asks the release feed whether a newer, signed release exists.
+#[tauri::command]
+pub async fn check_update(app: tauri::AppHandle) -> Result<Option<crate::update::UpdateInfo>> {
+    crate::update::check(&app).await
+}
+
+/// Installs the newer release (its signature checked) and restarts; `false`: nothing newer.
+#[tauri::command]
+pub async fn install_update(app: tauri::AppHandle) -> Result<bool> {
+    crate::update::install(&app).await
 }
 
 /// Runs one of the tray menu's actions by its id (`pause_1h`, `resume`, `mode_quiet`, …): the menu's

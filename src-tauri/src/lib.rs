@@ -10,7 +10,9 @@
 pub mod commands;
 pub mod error;
 pub mod events;
+pub mod setup;
 pub mod tray;
+pub mod update;
 
 use apiary_node::{ApiConfig, Node, NodeConfig, Probes};
 use tauri::{AppHandle, Manager, WindowEvent};
@@ -22,9 +24,11 @@ pub const MAIN_WINDOW: &str = "main";
 
 /// Starts the app; returns when it quits.
 pub fn run() {
+    let started = std::time::Instant::now();
     let built = tauri::Builder::default()
         // first: a second launch hands over to this one and exits
         .plugin(tauri_plugin_single_instance::init(|app, _args, _cwd| {
+            tracing::info!("launched again: showing this instance's window");
             show_window(app, None);
         }))
         .plugin(tauri_plugin_autostart::init(
@@ -32,6 +36,7 @@ pub fn run() {
             Some(vec!["--minimized"]),
         ))
         .plugin(tauri_plugin_notification::init())
+        .plugin(tauri_plugin_updater::Builder::new().build())
         // the node's `tracing` events reach it as `log` records (tracing's `log` feature, no tracing
         // subscriber in the app): stdout and a file in the platform's log folder
         .plugin(
@@ -42,15 +47,22 @@ pub fn run() {
                 .level_for("tracing::span", log::LevelFilter::Warn)
                 .build(),
         )
-        .setup(|app| {
+        .setup(move |app| {
             let handle = app.handle().clone();
             let node = tauri::async_runtime::block_on(start_node())?;
-            app.manage(AppState { node: node.clone() });
+            let setup = setup::Setup::new(&node.config().data_dir);
+            let setup_done = setup.is_done();
+            app.manage(AppState {
+                node: node.clone(),
+                setup,
+                started,
+                painted: Default::default(),
+            });
             let tray = tray::build(&handle)?;
             app.manage(tray);
             events::spawn(handle.clone(), node.clone());
             tauri::async_runtime::spawn(async move {
-                match apiary_node::api::serve(node, ApiConfig::default()).await {
+                match apiary_node::api::serve(node, api_config()).await {
                     Ok(api) => {
                         tracing::info!(addr = %api.addr(), "local API for `apiary node …` and browsers");
                         // served for the app's lifetime
@@ -59,7 +71,9 @@ pub fn run() {
                     Err(e) => tracing::warn!("no local API (another node may be running): {e}"),
                 }
             });
-            if std::env::args().any(|a| a == "--minimized")
+            // the first run always shows its wizard
+            if setup_done
+                && std::env::args().any(|a| a == "--minimized")
                 && let Some(window) = app.get_webview_window(MAIN_WINDOW)
             {
                 let _ = window.hide();
@@ -85,6 +99,8 @@ pub fn run() {
             commands::policy,
             commands::set_policy,
             commands::machine,
+            commands::device,
+            commands::set_device,
             commands::experiments,
             commands::show_experiment,
             commands::join,
@@ -96,6 +112,11 @@ pub fn run() {
             commands::autostart,
             commands::set_autostart,
             commands::tray_action,
+            commands::first_run,
+            commands::complete_setup,
+            commands::painted,
+            commands::check_update,
+            commands::install_update,
         ])
         .build(tauri::generate_context!());
     match built {
@@ -107,6 +128,22 @@ pub fn run() {
     }
 }
 
+/// The local API on its usual address (`127.0.0.1:7787`), or `APIARY_API_BIND`'s (`127.0.0.1:0`: any
+/// free port; the `api-url` file in the data folder names it, for `apiary node …` and tests).
+fn api_config() -> ApiConfig {
+    let mut config = ApiConfig::default();
+    if let Ok(text) = std::env::var("APIARY_API_BIND") {
+        match text.parse() {
+            Ok(bind) => config.bind = bind,
+            Err(e) => tracing::warn!(
+                "APIARY_API_BIND `{text}` is not an address ({e}): using {}",
+                config.bind
+            ),
+        }
+    }
+    config
+}
+
 /// `RUST_LOG=debug` (or `trace`, `warn`, …) changes it; default info.
 fn log_level() -> log::LevelFilter {
     std::env::var("RUST_LOG")
@@ -116,6 +153,8 @@ fn log_level() -> log::LevelFilter {
 }
 
 /// The node with the user's settings (`<config dir>/apiary/node.toml`) and this computer's probes.
+/// On the first run (no saved pause/resume state yet) it starts paused (`start_paused`, the default):
+/// nothing is computed before the user has seen the wizard.
 async fn start_node() -> Result<apiary_node::NodeHandle, Box<dyn std::error::Error>> {
     let path = NodeConfig::default_path()?;
     Ok(Node::spawn_from(&path, Probes::platform()).await?)

@@ -382,6 +382,7 @@ mod status_line_tests {
                 queued_rows: 0,
                 accepting: true,
                 withdrawn: false,
+                experts: Vec::new(),
             }],
             peer_id: "12D3KooW".into(),
             maddrs: Vec::new(),

@@ -70,6 +70,38 @@ describe("HttpApi requests", () => {
   });
 });
 
+describe("HttpApi first-run calls", () => {
+  it("reads the machine from GET /api/machine", async () => {
+    const { f, calls } = fakeFetch(() => json(fx.machine()));
+    const api = new HttpApi({ token: "t", baseUrl: "http://h:1", fetch: f });
+    expect(await api.machine()).toEqual(fx.machine());
+    expect(calls.map((c) => `${c.init.method} ${c.url}`)).toEqual(["GET http://h:1/api/machine"]);
+    expect((calls[0].init.headers as Record<string, string>).Authorization).toBe("Bearer t");
+  });
+
+  it("never has a first run, has no autostart, and finishing the setup resumes only when asked", async () => {
+    const { f, calls } = fakeFetch(() => json({ ok: true }));
+    const api = new HttpApi({ token: "t", baseUrl: "http://h:1", fetch: f });
+    expect(await api.firstRun()).toBe(false);
+    expect(await api.autostart()).toBeNull();
+    expect(calls).toEqual([]);
+    const e = await api.setAutostart(true).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(ApiError);
+    expect(e).toMatchObject({ code: "unsupported" });
+    expect(calls).toEqual([]);
+    await expect(api.completeSetup(false)).resolves.toBeUndefined();
+    expect(calls).toEqual([]);
+    await expect(api.completeSetup(true)).resolves.toBeUndefined();
+    expect(calls.map((c) => `${c.init.method} ${c.url}`)).toEqual(["POST http://h:1/api/resume"]);
+  });
+
+  it("a failed resume fails completeSetup with the node's error", async () => {
+    const { f } = fakeFetch(() => json({ code: "stopped", message: "the node has stopped" }, 503));
+    const api = new HttpApi({ token: "t", baseUrl: "http://h", fetch: f });
+    await expect(api.completeSetup(true)).rejects.toMatchObject({ code: "stopped", message: "the node has stopped" });
+  });
+});
+
 describe("errors become ApiError", () => {
   it("keeps the node's code and message", async () => {
     const { f } = fakeFetch(() => json({ code: "not_found", message: "no experiment `nope`" }, 404));

@@ -14,11 +14,13 @@ import { listen, type UnlistenFn } from "@tauri-apps/api/event";
 import type {
   Bucket,
   Card,
+  DeviceSetting,
   EventsFrame,
   Filter,
   JoinOptions,
   JoinPlan,
   LoggedEvent,
+  MachineProfile,
   Mode,
   NodeEvent,
   NodeStatus,
@@ -85,6 +87,10 @@ export interface Api {
   policy(): Promise<PolicyConfig>;
   /** Replaces the whole policy; answers the policy in effect. */
   setPolicy(policy: PolicyConfig): Promise<PolicyConfig>;
+  /** Where experts joined from now on compute (`auto`, `cpu` or `cuda:N`). */
+  device(): Promise<DeviceSetting>;
+  /** Changes where experts compute; applies to experts joined after the change. */
+  setDevice(device: string): Promise<DeviceSetting>;
   experiments(): Promise<Card[]>;
   showExperiment(id: string, publisher?: string | null): Promise<Preview>;
   join(id: string, options?: JoinOptions): Promise<JoinPlan>;
@@ -94,6 +100,16 @@ export interface Api {
   /** The history as CSV text. */
   exportCsv(filter: Filter | undefined, bucket: Bucket): Promise<string>;
   log(limit?: number): Promise<LoggedEvent[]>;
+  /** This computer as the hardware fit sees it (cores, RAM, free disk, GPUs). */
+  machine(): Promise<MachineProfile>;
+  /** Whether the first-run wizard should be shown (desktop app only; a headless node: always false). */
+  firstRun(): Promise<boolean>;
+  /** Marks the first run as done; `start`: resume contributing now (else stay paused). */
+  completeSetup(start: boolean): Promise<void>;
+  /** Whether the app starts with the user's session; null where that is not supported (HTTP). */
+  autostart(): Promise<boolean | null>;
+  /** Turns starting with the session on or off; answers the state now. HTTP: `unsupported`. */
+  setAutostart(enabled: boolean): Promise<boolean>;
   /** Follows the status and the events; returns a function that stops. */
   subscribe(handlers: StreamHandlers): () => void;
 }
@@ -291,6 +307,12 @@ export class HttpApi implements Api {
   setPolicy(policy: PolicyConfig) {
     return this.json<PolicyConfig>("PUT", "/api/policy", policy);
   }
+  device() {
+    return this.json<DeviceSetting>("GET", "/api/device");
+  }
+  setDevice(device: string) {
+    return this.json<DeviceSetting>("PUT", "/api/device", { device });
+  }
   experiments() {
     return this.json<Card[]>("GET", "/api/experiments");
   }
@@ -318,6 +340,22 @@ export class HttpApi implements Api {
   }
   log(limit?: number) {
     return this.json<LoggedEvent[]>("GET", `/api/log${query({ limit })}`);
+  }
+  machine() {
+    return this.json<MachineProfile>("GET", "/api/machine");
+  }
+  /** A headless node is configured by its admin: never a first run here. */
+  async firstRun() {
+    return false;
+  }
+  async completeSetup(start: boolean) {
+    if (start) await this.resume();
+  }
+  async autostart(): Promise<boolean | null> {
+    return null;
+  }
+  async setAutostart(_enabled: boolean): Promise<boolean> {
+    throw new ApiError("unsupported", "starting with the session is a setting of the desktop app, not of a headless node");
   }
 
   /** The WebSocket URL of the event stream. */
@@ -436,6 +474,12 @@ export class IpcApi implements Api {
   setPolicy(policy: PolicyConfig) {
     return this.call<PolicyConfig>("set_policy", { policy });
   }
+  device() {
+    return this.call<DeviceSetting>("device");
+  }
+  setDevice(device: string) {
+    return this.call<DeviceSetting>("set_device", { device });
+  }
   experiments() {
     return this.call<Card[]>("experiments");
   }
@@ -463,6 +507,25 @@ export class IpcApi implements Api {
   }
   log(limit?: number) {
     return this.call<LoggedEvent[]>("log", { limit: limit ?? null });
+  }
+  machine() {
+    return this.call<MachineProfile>("machine");
+  }
+  firstRun() {
+    return this.call<boolean>("first_run");
+  }
+  /** Tells the app its dashboard painted its first screen (logged once, as the cold-start time). */
+  async painted() {
+    await this.call<unknown>("painted");
+  }
+  async completeSetup(start: boolean) {
+    await this.call<unknown>("complete_setup", { start });
+  }
+  autostart(): Promise<boolean | null> {
+    return this.call<boolean>("autostart");
+  }
+  setAutostart(enabled: boolean) {
+    return this.call<boolean>("set_autostart", { enabled });
   }
 
   subscribe(h: StreamHandlers): () => void {

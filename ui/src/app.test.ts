@@ -29,6 +29,29 @@ describe("app shell", () => {
     expect(routeFromHash("#/nope")).toBe("overview");
   });
 
+  it("reports the first paint once, after the first status is on screen", async () => {
+    const { api, handlers } = fakeApi();
+    const root = document.createElement("div");
+    document.body.replaceChildren(root);
+    const onPainted = vi.fn();
+    vi.stubGlobal("requestAnimationFrame", (f: FrameRequestCallback) => setTimeout(() => f(0), 0));
+    let resolveStatus: (s: ReturnType<typeof fx.status>) => void = () => {};
+    api.status.mockImplementation(() => new Promise((r) => (resolveStatus = r)));
+    const stop = startApp(root, api, { charts: false, onPainted });
+    await flush();
+    await new Promise((r) => setTimeout(r, 5));
+    expect(onPainted).not.toHaveBeenCalled();
+    resolveStatus(fx.status());
+    await flush();
+    await new Promise((r) => setTimeout(r, 5));
+    expect(onPainted).toHaveBeenCalledTimes(1);
+    expect(byTestId(root, "state").textContent).not.toBe("");
+    for (const h of handlers) h.status?.(fx.status());
+    await new Promise((r) => setTimeout(r, 5));
+    expect(onPainted).toHaveBeenCalledTimes(1);
+    stop();
+  });
+
   it("has the navigation hooks and switches pages", async () => {
     const { api, handlers } = fakeApi();
     const root = document.createElement("div");
@@ -48,6 +71,45 @@ describe("app shell", () => {
     // live status arrives through the stream
     handlers[0].connection?.("open");
     expect(byTestId(root, "connection").textContent).toBe("live");
+    stop();
+  });
+
+  it("opens the wizard on a first run; #/welcome is not in the navigation", async () => {
+    const { api } = fakeApi();
+    api.firstRun.mockResolvedValue(true);
+    const root = document.createElement("div");
+    document.body.replaceChildren(root);
+    const stop = startApp(root, api, { charts: false });
+    await flush();
+    expect(api.firstRun).toHaveBeenCalledTimes(1);
+    expect(location.hash).toBe("#/welcome");
+    expect(routeFromHash("#/welcome")).toBe("welcome");
+    expect(root.querySelector('[data-testid="wizard-step-1"]')).not.toBeNull();
+    expect(root.querySelector('[data-testid="nav-welcome"]')).toBeNull();
+    expect(root.querySelectorAll(".nav-link").length).toBe(5);
+    expect(document.title).toBe("Welcome · Apiary");
+    stop();
+  });
+
+  it("stays on the page asked for when it is not a first run, or already on the wizard", async () => {
+    const { api } = fakeApi();
+    history.replaceState(null, "", "/#/settings");
+    const root = document.createElement("div");
+    document.body.replaceChildren(root);
+    let stop = startApp(root, api, { charts: false });
+    await flush();
+    expect(api.firstRun).toHaveBeenCalledTimes(1);
+    expect(location.hash).toBe("#/settings");
+    expect(root.querySelector('[data-testid="wizard-step-1"]')).toBeNull();
+    stop();
+
+    const second = fakeApi().api;
+    second.firstRun.mockResolvedValue(true);
+    history.replaceState(null, "", "/#/welcome");
+    stop = startApp(root, second, { charts: false });
+    await flush();
+    expect(location.hash).toBe("#/welcome");
+    expect(second.machine).toHaveBeenCalledTimes(1); // the wizard mounted once
     stop();
   });
 

@@ -8,6 +8,7 @@ import { mountLog } from "./pages/log";
 import { mountOverview } from "./pages/overview";
 import { mountSettings } from "./pages/settings";
 import { mountTokenScreen } from "./pages/token";
+import { mountWizard } from "./pages/wizard";
 import { Store, type Ctx } from "./store";
 
 export const ROUTES = {
@@ -16,8 +17,12 @@ export const ROUTES = {
   contributions: { title: "Contributions", mount: mountContributions },
   settings: { title: "Settings", mount: mountSettings },
   log: { title: "Log", mount: mountLog },
+  // The first-run wizard: a page of its own, not in the navigation bar.
+  welcome: { title: "Welcome", mount: mountWizard },
 } as const;
 export type Route = keyof typeof ROUTES;
+/** The routes the navigation bar links to. */
+export const NAV_ROUTES: readonly Route[] = (Object.keys(ROUTES) as Route[]).filter((r) => r !== "welcome");
 
 export function routeFromHash(hash: string): Route {
   const name = hash.replace(/^#\/?/, "").split(/[/?&]/)[0];
@@ -25,11 +30,15 @@ export function routeFromHash(hash: string): Route {
 }
 
 /** Runs the dashboard with `api` in `root`; returns a function that stops it. */
-export function startApp(root: HTMLElement, api: Api, opts: { charts?: boolean; onUnauthorized?: () => void } = {}): () => void {
+export function startApp(
+  root: HTMLElement,
+  api: Api,
+  opts: { charts?: boolean; onUnauthorized?: () => void; onPainted?: () => void } = {},
+): () => void {
   const store = new Store();
   const ctx: Ctx = { api, store, charts: opts.charts ?? true };
   const conn = h("span", { class: "conn", "data-testid": "connection", role: "status" }, "connecting…");
-  const navLinks = (Object.keys(ROUTES) as Route[]).map((r) =>
+  const navLinks = NAV_ROUTES.map((r) =>
     h("a", { href: `#/${r}`, "data-testid": `nav-${r}`, class: "nav-link" }, ROUTES[r].title),
   );
   const main = h("main", { id: "main", tabindex: "-1" });
@@ -53,6 +62,7 @@ export function startApp(root: HTMLElement, api: Api, opts: { charts?: boolean; 
     current = r;
     unmount?.();
     main.replaceChildren();
+    main.classList.toggle("full-page", r === "welcome");
     for (const a of navLinks) {
       if (a.dataset.testid === `nav-${r}`) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
@@ -74,8 +84,25 @@ export function startApp(root: HTMLElement, api: Api, opts: { charts?: boolean; 
   };
   api.status().then((s) => store.setStatus(s), fail);
   const stopStream = store.follow(api, fail);
+  // The first screen painted with the node's status (the desktop app logs it: its cold-start figure).
+  if (opts.onPainted) {
+    const painted = opts.onPainted;
+    const offPaint = store.onChange(() => {
+      if (!store.status) return;
+      offPaint();
+      requestAnimationFrame(() => requestAnimationFrame(painted));
+    });
+  }
+  let stopped = false;
+  // A first run of the desktop app opens the wizard (a headless node never has one).
+  api.firstRun().then((first) => {
+    if (!first || stopped || routeFromHash(location.hash) === "welcome") return;
+    location.hash = "#/welcome";
+    show(); // also where setting the hash fires no hashchange
+  }, fail);
 
   return () => {
+    stopped = true;
     window.removeEventListener("hashchange", show);
     offConn();
     stopStream();
@@ -86,7 +113,8 @@ export function startApp(root: HTMLElement, api: Api, opts: { charts?: boolean; 
 /** Entry point: picks the transport, asks for a token where needed. */
 export function boot(root: HTMLElement): void {
   if (isTauri()) {
-    startApp(root, new IpcApi());
+    const api = new IpcApi();
+    startApp(root, api, { onPainted: () => void api.painted().catch(() => {}) });
     return;
   }
   let stop: (() => void) | null = null;

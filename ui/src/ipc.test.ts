@@ -75,6 +75,35 @@ describe("Tauri IPC transport", () => {
     ]);
   });
 
+  it("invokes the first-run commands", async () => {
+    const api = new IpcApi();
+    invoke.mockResolvedValueOnce(fx.machine());
+    expect(await api.machine()).toEqual(fx.machine());
+    invoke.mockResolvedValueOnce(true);
+    expect(await api.firstRun()).toBe(true);
+    invoke.mockResolvedValueOnce(null);
+    await expect(api.completeSetup(true)).resolves.toBeUndefined();
+    invoke.mockResolvedValueOnce(null);
+    await api.completeSetup(false);
+    invoke.mockResolvedValueOnce(false);
+    expect(await api.autostart()).toBe(false);
+    invoke.mockResolvedValueOnce(true);
+    expect(await api.setAutostart(true)).toBe(true);
+    invoke.mockResolvedValueOnce(false);
+    expect(await api.setAutostart(false)).toBe(false);
+    expect(invoke.mock.calls).toEqual([
+      ["machine", undefined],
+      ["first_run", undefined],
+      ["complete_setup", { start: true }],
+      ["complete_setup", { start: false }],
+      ["autostart", undefined],
+      ["set_autostart", { enabled: true }],
+      ["set_autostart", { enabled: false }],
+    ]);
+    invoke.mockRejectedValueOnce({ code: "internal", message: "no autostart entry" });
+    await expect(api.setAutostart(true)).rejects.toMatchObject({ name: "ApiError", code: "internal", message: "no autostart entry" });
+  });
+
   it("turns command errors into ApiError", async () => {
     invoke.mockRejectedValueOnce({ code: "already_joined", message: "already hosting local-demo" });
     await expect(new IpcApi().join("local-demo")).rejects.toMatchObject({ name: "ApiError", code: "already_joined" });

@@ -12,6 +12,7 @@ describe("fixtures follow openapi.json", () => {
     ["Preview", () => fx.preview()],
     ["JoinPlan", () => fx.joinPlan()],
     ["Totals", () => fx.contributions()],
+    ["MachineProfile", () => fx.machine()],
   ])("%s", (name, make) => {
     expect(validate(ref(name), make())).toEqual([]);
   });
@@ -60,6 +61,8 @@ describe("fixtures follow openapi.json", () => {
       "/api/history",
       "/api/export.csv",
       "/api/log",
+      "/api/machine",
+      "/api/device",
     ]) {
       expect(doc.paths, p).toHaveProperty([p]);
     }

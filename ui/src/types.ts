@@ -39,6 +39,30 @@ export interface HostedStatus {
   queued_rows: number;
   accepting: boolean;
   withdrawn: boolean;
+  /** Each hosted expert's counters and load, in the order of `uids`. */
+  experts: ExpertLoad[];
+}
+
+/** One hosted expert's work and load; the rates cover the last status period (about a second). */
+export interface ExpertLoad {
+  uid: string;
+  forward_rows: number;
+  backward_rows: number;
+  optimizer_steps: number;
+  queued_rows: number;
+  /** Share of the last period spent computing, 0–1. */
+  busy_fraction: number;
+  /** Forward + backward batches per second over the last period. */
+  requests_per_s: number;
+}
+
+/** Where experts compute (`GET/PUT /api/device`): `auto`, `cpu` or `cuda:N` (N = index in `MachineProfile.gpus`). */
+export interface DeviceSetting {
+  device: string;
+  /** Whether this build can compute on CUDA GPUs (else only `auto` = the CPU, and `cpu`). */
+  cuda_supported: boolean;
+  /** When a change takes effect, in words. */
+  note: string;
 }
 
 export interface ActivitySample {
@@ -269,6 +293,29 @@ export interface Preview {
 export interface JoinOptions {
   maxExperts?: number | null;
   publisher?: string | null;
+}
+
+/** A GPU experts can compute on (`GpuProfile`). */
+export interface GpuProfile {
+  name: string;
+  vram_total_mb: number;
+  vram_free_mb: number;
+}
+
+/** This computer as the catalog's hardware fit sees it (`GET /api/machine`, `MachineProfile`). */
+export interface MachineProfile {
+  /** A name for people (`this computer`). */
+  name: string;
+  /** Logical CPU cores. */
+  cpu_cores: number;
+  ram_total_mb: number;
+  ram_available_mb: number;
+  /** Free space on the disk of the data folder, MiB. */
+  disk_free_mb: number;
+  /** Mbit/s; null: not measured. */
+  bandwidth_mbps: number | null;
+  /** The GPUs NVML finds, in index order: `gpus[i]` is the device setting `cuda:i` (empty without an NVIDIA driver). */
+  gpus: GpuProfile[];
 }
 
 export interface Counters {

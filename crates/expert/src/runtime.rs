@@ -76,6 +76,9 @@ pub struct RuntimeConfig {
     /// (16384). Beyond it a task fails at once with [`ExpertError::Overloaded`]. Must be at least
     /// `max_batch_size`.
     pub max_queued_rows: usize,
+    /// Where the experts compute: [`Runtime::spawn`] moves each backend there (a no-op for those
+    /// already there); inputs may come on the CPU, outputs are returned on the CPU. Default the CPU.
+    pub device: Device,
 }
 
 impl Default for RuntimeConfig {
@@ -85,6 +88,7 @@ impl Default for RuntimeConfig {
             min_batch_size: 1,
             batch_timeout: Duration::from_millis(10),
             max_queued_rows: 4 * 4096,
+            device: Device::Cpu,
         }
     }
 }
@@ -740,6 +744,7 @@ impl Runtime {
             if index.insert(uid.clone(), i).is_some() {
                 return Err(ExpertError::BadConfig(format!("expert uid {uid:?} given twice")));
             }
+            let backend = backend.to_device(&config.device)?;
             stats.push(ExpertStats {
                 uid: uid.clone(),
                 optimizer_steps: backend.steps(),

@@ -63,6 +63,9 @@ pub struct GovernorOptions {
     pub slow_interval: Duration,
     /// The persisted policy state to restore (e.g. a snooze). Default: automatic.
     pub initial_state: PolicyState,
+    /// The GPU the experts compute on (NVML index), which the GPU rules watch alone
+    /// ([`Policy::set_gpu`]). Default `None`: every GPU.
+    pub gpu: Option<u32>,
 }
 
 impl Default for GovernorOptions {
@@ -71,6 +74,7 @@ impl Default for GovernorOptions {
             tick_interval: Duration::from_millis(100),
             slow_interval: Duration::from_secs(1),
             initial_state: PolicyState::default(),
+            gpu: None,
         }
     }
 }
@@ -98,6 +102,8 @@ pub enum Command {
     SetMode(Mode),
     /// Replace the settings.
     SetConfig(Box<PolicyConfig>),
+    /// Select the GPU the GPU rules watch (`None`: every GPU); see [`Policy::set_gpu`].
+    SetGpu(Option<u32>),
     /// The engine's count of work items in flight.
     InFlight(u32),
     /// Stop the governor thread.
@@ -135,7 +141,8 @@ impl Governor {
         let (directive_tx, directive_rx) = watch::channel(Directive::starting());
         let (state_tx, state_rx) = watch::channel(options.initial_state);
         let (sample_tx, sample_rx) = watch::channel(None);
-        let policy = Policy::with_state(config, options.initial_state);
+        let mut policy = Policy::with_state(config, options.initial_state);
+        policy.set_gpu(options.gpu);
         let worker = Worker {
             policy,
             probes,
@@ -228,6 +235,12 @@ impl GovernorHandle {
         self.send(Command::SetConfig(Box::new(config)))
     }
 
+    /// Selects the GPU the experts compute on (NVML index; `None`: every GPU counts) for the GPU
+    /// rules: other programs' use and the temperature controller look at that GPU alone.
+    pub fn set_gpu(&self, gpu: Option<u32>) -> Result<(), GovernorError> {
+        self.send(Command::SetGpu(gpu))
+    }
+
     /// Reports how many work items the engine has in flight.
     pub fn report_in_flight(&self, n: u32) -> Result<(), GovernorError> {
         self.send(Command::InFlight(n))
@@ -280,6 +293,7 @@ impl Worker {
             Command::FinishThenPause => self.policy.finish_then_pause(now),
             Command::SetMode(m) => self.policy.set_mode(m),
             Command::SetConfig(c) => self.policy.set_config(*c),
+            Command::SetGpu(g) => self.policy.set_gpu(g),
             Command::InFlight(_) => return Applied::Quiet,
             Command::Shutdown => return Applied::Stop,
         }

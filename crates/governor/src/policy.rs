@@ -375,6 +375,9 @@ pub struct Policy {
     last_now: Option<f64>,
     fullscreen_seen: Option<f64>,
     other_gpu_seen: Option<(f64, u32, f64)>,
+    /// The GPU the experts compute on (NVML index): the GPU rules look at it alone. `None`: at
+    /// every GPU.
+    gpu: Option<u32>,
 }
 
 enum Presence {
@@ -399,7 +402,28 @@ impl Policy {
             last_now: None,
             fullscreen_seen: None,
             other_gpu_seen: None,
+            gpu: None,
         }
+    }
+
+    /// Selects the GPU the experts compute on (its NVML index): the GPU rules (other programs' use,
+    /// the temperature controller) then look at that GPU alone. `None` (computing on the CPU, or not
+    /// known): every GPU counts, as before.
+    pub fn set_gpu(&mut self, gpu: Option<u32>) {
+        if self.gpu != gpu {
+            self.gpu = gpu;
+            self.other_gpu_seen = None;
+        }
+    }
+
+    /// The selected GPU (see [`Policy::set_gpu`]).
+    pub fn gpu(&self) -> Option<u32> {
+        self.gpu
+    }
+
+    /// Whether the GPU rules look at the GPU with NVML index `index`.
+    fn watches(&self, index: u32) -> bool {
+        self.gpu.is_none_or(|g| g == index)
     }
 
     /// The settings.
@@ -488,6 +512,7 @@ impl Policy {
     fn update_thermal(&mut self, sample: &Sample, dt: f64) -> Option<(u32, f64)> {
         let hottest = sample.gpus.known().and_then(|gpus| {
             gpus.iter()
+                .filter(|g| self.watches(g.index))
                 .filter_map(|g| g.temperature_c.get().map(|t| (g.index, t)))
                 .max_by(|a, b| a.1.total_cmp(&b.1))
         });
@@ -526,6 +551,7 @@ impl Policy {
         }
         let busiest_other = sample.gpus.known().and_then(|gpus| {
             gpus.iter()
+                .filter(|g| self.watches(g.index))
                 .filter_map(|g| g.other_utilization.get().map(|u| (g.index, u)))
                 .max_by(|a, b| a.1.total_cmp(&b.1))
         });

@@ -521,3 +521,36 @@ fn config_defaults_and_serde() {
     assert_eq!(json["kind"], "paused");
     assert_eq!(json["cause"], "snoozed");
 }
+
+#[test]
+fn a_selected_gpu_is_the_only_one_the_gpu_rules_watch() {
+    let mut s = sample(AWAY);
+    if let Reading::Known(g) = &mut s.gpus {
+        // another program on GPU 1, which is also hot
+        g[1].other_utilization = Reading::Known(0.9);
+        g[1].temperature_c = Reading::Known(99.0);
+    }
+    // every GPU counts by default
+    let mut p = policy(Mode::Max);
+    assert_eq!(p.gpu(), None);
+    assert_eq!(cause(&p.tick(&s, T)), PauseCause::OtherGpuUse);
+    // computing on GPU 0: GPU 1's use and heat are someone else's business
+    let mut p = policy(Mode::Max);
+    p.set_gpu(Some(0));
+    assert_eq!(p.gpu(), Some(0));
+    for i in 0..30 {
+        let d = p.tick(&s, T + f64::from(i));
+        assert_eq!(level(&d), 1.0, "{d:?}");
+    }
+    // computing on GPU 1: it pauses, naming GPU 1
+    p.set_gpu(Some(1));
+    let d = p.tick(&s, T + 31.0);
+    assert_eq!(cause(&d), PauseCause::OtherGpuUse);
+    assert!(d.reason().contains("GPU 1"), "{d:?}");
+    // back to GPU 0: the cooldown of GPU 1 is dropped with the selection
+    p.set_gpu(Some(0));
+    assert!(matches!(
+        p.tick(&s, T + 32.0),
+        Directive::Run { .. } | Directive::Pace { .. }
+    ));
+}

@@ -13,6 +13,7 @@
 //! | POST | `/api/snooze` | `{"seconds": s}` | `{"ok":true}` |
 //! | PUT | `/api/mode` | `{"mode": "quiet" \| "balanced" \| "max" \| "only_when_away"}` | `{"ok":true}` |
 //! | GET / PUT | `/api/policy` | [`PolicyConfig`] (missing fields: defaults) | the policy in effect |
+//! | GET / PUT | `/api/device` | `{"device": "auto" \| "cpu" \| "cuda:N"}` | [`DeviceSetting`](crate::DeviceSetting): where experts joined from now on compute |
 //! | GET | `/api/experiments` | | [`Card`](apiary_catalog::Card)s |
 //! | GET | `/api/experiments/{id}?publisher=` | | [`Preview`](crate::Preview) |
 //! | POST | `/api/experiments/{id}/join` | `{"max_experts"?, "publisher"?}` (or no body) | [`JoinPlan`](apiary_catalog::JoinPlan) |
@@ -42,8 +43,8 @@
 //!
 //! Errors are JSON `{"code": "...", "message": "..."}`: `400` bad input, `401` unauthorized, `403`
 //! forbidden, `404` unknown experiment or route, `409` already joined / not joined / several
-//! publishers, `413` body too large, `422` the experiment cannot be joined (planning), `503` the node
-//! has stopped, `500` anything else.
+//! publishers, `413` body too large, `422` the experiment cannot be joined (planning, or a `device`
+//! setting this build or computer cannot compute on), `503` the node has stopped, `500` anything else.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -331,6 +332,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/snooze", post(snooze))
         .route("/api/mode", axum::routing::put(set_mode))
         .route("/api/policy", get(policy).put(set_policy))
+        .route("/api/device", get(device).put(set_device))
         .route("/api/experiments", get(experiments))
         .route("/api/experiments/{id}", get(show))
         .route("/api/experiments/{id}/join", post(join))
@@ -393,7 +395,8 @@ impl From<NodeError> for ApiError {
         let status = match code {
             "not_found" => StatusCode::NOT_FOUND,
             "already_joined" | "not_joined" | "ambiguous_publisher" => StatusCode::CONFLICT,
-            "cannot_plan" | "bad_manifest" => StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_device" => StatusCode::BAD_REQUEST,
+            "cannot_plan" | "bad_manifest" | "device_unavailable" => StatusCode::UNPROCESSABLE_ENTITY,
             "stopped" | "busy" => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -644,6 +647,29 @@ async fn set_policy(State(state): Shared, body: Result<Bytes, BytesRejection>) -
     crate::config::check_policy(&policy).map_err(ApiError::bad_request)?;
     state.node.set_policy(policy).await?;
     ok_json(&state.node.config().policy)
+}
+
+async fn device(State(state): Shared) -> ApiResult {
+    ok_json(&state.node.device())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceRequest {
+    device: String,
+}
+
+/// `{"device": "auto" | "cpu" | "cuda:N"}`: refused with `400` when the text is not a device, or
+/// names a GPU in a build without CUDA support; saved to the settings file; applies to experts
+/// joined after the change.
+async fn set_device(State(state): Shared, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let DeviceRequest { device } = parse_json(body, None)?;
+    let choice = device
+        .parse::<crate::DeviceChoice>()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?
+        .check_supported()
+        .map_err(ApiError::bad_request)?;
+    ok_json(&state.node.set_device(choice).await?)
 }
 
 async fn machine(State(state): Shared) -> ApiResult {

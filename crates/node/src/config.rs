@@ -47,6 +47,113 @@ pub struct NodeConfig {
     /// memory budget of join planning: Quiet → Quiet, Balanced and Only-when-away → Balanced,
     /// Max → Max. Default [`PolicyConfig::default`].
     pub policy: PolicyConfig,
+    /// Where experts compute: `"auto"` (the first CUDA GPU when this build has CUDA support and a
+    /// GPU is found, else the CPU), `"cpu"`, or `"cuda:N"` (GPU N in NVML order, the order
+    /// `GET /api/machine` lists them; a build without CUDA support refuses it at join time).
+    /// Applies to experts joined after a change. Default `"auto"`.
+    pub device: DeviceChoice,
+}
+
+/// Where experts compute: the `device` setting (`auto`, `cpu` or `cuda:N` as text).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DeviceChoice {
+    /// The first CUDA GPU when this build has CUDA support and a GPU is found; else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU `N` (NVML order).
+    Cuda(u32),
+}
+
+/// The largest GPU index `cuda:N` accepts.
+pub const MAX_GPU_INDEX: u32 = 63;
+
+/// Why a `device` setting's text is not a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{text}` is not a device: expected `auto`, `cpu` or `cuda:N` (N = a GPU's index, 0 to \
+     {MAX_GPU_INDEX}, e.g. `cuda:0`)"
+)]
+pub struct BadDevice {
+    /// The text (at most 64 characters of it).
+    pub text: String,
+}
+
+impl DeviceChoice {
+    /// Whether this build can compute on CUDA GPUs (built with the `cuda` feature).
+    pub const CUDA_BUILD: bool = cfg!(feature = "cuda");
+
+    /// The GPU the experts of this choice compute on (NVML index), as far as the setting says:
+    /// `cuda:N` → N; `auto` → GPU 0 in a build with CUDA support (the GPU rules then watch GPU 0,
+    /// and a machine without one has nothing to watch anyway); `cpu`, or `auto` without CUDA
+    /// support → none.
+    pub fn gpu(self) -> Option<u32> {
+        match self {
+            DeviceChoice::Cuda(n) => Some(n),
+            DeviceChoice::Auto if Self::CUDA_BUILD => Some(0),
+            DeviceChoice::Auto | DeviceChoice::Cpu => None,
+        }
+    }
+
+    /// Checks that this build can honour the choice: `cuda:N` needs the `cuda` feature.
+    pub fn check_supported(self) -> Result<Self, String> {
+        match self {
+            DeviceChoice::Cuda(n) if !Self::CUDA_BUILD => Err(format!(
+                "`cuda:{n}` cannot be used: this build of Apiary has no CUDA support (built without \
+                 the `cuda` feature); choose `auto` or `cpu`"
+            )),
+            other => Ok(other),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = BadDevice;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadDevice {
+            text: text.chars().take(64).collect(),
+        };
+        match text {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            other => {
+                let digits = other.strip_prefix("cuda:").ok_or_else(bad)?;
+                // digits only: no sign, no spaces
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                match digits.parse::<u32>() {
+                    Ok(n) if n <= MAX_GPU_INDEX => Ok(DeviceChoice::Cuda(n)),
+                    _ => Err(bad()),
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for NodeConfig {
@@ -61,6 +168,7 @@ impl Default for NodeConfig {
             start_paused: true,
             max_experts: None,
             policy: PolicyConfig::default(),
+            device: DeviceChoice::Auto,
         }
     }
 }
@@ -271,5 +379,60 @@ mod tests {
         assert_eq!(partial.policy.mode, apiary_governor::Mode::Max);
         assert_eq!(partial.planning_mode(), apiary_catalog::Mode::Max);
         assert!(NodeConfig::from_toml("update_period = -1").is_err());
+    }
+
+    #[test]
+    fn device_settings_parse_print_and_refuse_bad_text() {
+        assert_eq!(NodeConfig::default().device, DeviceChoice::Auto);
+        for (text, want) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda:0", DeviceChoice::Cuda(0)),
+            ("cuda:7", DeviceChoice::Cuda(7)),
+        ] {
+            assert_eq!(text.parse::<DeviceChoice>().unwrap(), want);
+            assert_eq!(want.to_string(), text);
+        }
+        for bad in [
+            "",
+            "gpu",
+            "CPU",
+            "cuda",
+            "cuda:",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda: 1",
+            "cuda:x",
+            "cuda:64",
+            "cuda:99999999999",
+            " cpu",
+        ] {
+            let e = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(
+                e.to_string().contains("expected `auto`, `cpu` or `cuda:N`"),
+                "{bad}: {e}"
+            );
+        }
+        // in the TOML file
+        let c = NodeConfig::from_toml("device = \"cuda:1\"\n").unwrap();
+        assert_eq!(c.device, DeviceChoice::Cuda(1));
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert!(text.contains("device = \"cuda:1\""), "{text}");
+        assert_eq!(NodeConfig::from_toml(&text).unwrap(), c);
+        let e = NodeConfig::from_toml("device = \"tpu\"\n").unwrap_err();
+        assert!(e.contains("`tpu` is not a device") && e.contains("line 1"), "{e}");
+        // what this build supports
+        assert_eq!(DeviceChoice::Cpu.check_supported(), Ok(DeviceChoice::Cpu));
+        assert_eq!(DeviceChoice::Auto.check_supported(), Ok(DeviceChoice::Auto));
+        assert_eq!(DeviceChoice::Cpu.gpu(), None);
+        assert_eq!(DeviceChoice::Cuda(2).gpu(), Some(2));
+        if DeviceChoice::CUDA_BUILD {
+            assert!(DeviceChoice::Cuda(0).check_supported().is_ok());
+            assert_eq!(DeviceChoice::Auto.gpu(), Some(0));
+        } else {
+            let e = DeviceChoice::Cuda(0).check_supported().unwrap_err();
+            assert!(e.contains("no CUDA support"), "{e}");
+            assert_eq!(DeviceChoice::Auto.gpu(), None);
+        }
     }
 }

@@ -22,9 +22,9 @@ use apiary_p2p::{P2pHandle, Protocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{NodeConfig, write_atomic};
+use crate::config::{DeviceChoice, NodeConfig, write_atomic};
 use crate::error::NodeError;
-use crate::status::{Events, HostedStatus, NodeEvent, NodeStatus, RunState};
+use crate::status::{Events, ExpertLoad, HostedStatus, NodeEvent, NodeStatus, RunState};
 
 /// Capacity of the engine's command channel.
 pub(crate) const COMMAND_CAPACITY: usize = 32;
@@ -59,6 +59,7 @@ pub(crate) enum GovernorCommand {
     Finish,
     SetMode(Mode),
     SetPolicy(Box<PolicyConfig>),
+    SetDevice(DeviceChoice),
 }
 
 /// What a `leave` gets back from the engine: the hosting to leave, and the counters already
@@ -67,6 +68,8 @@ pub(crate) enum GovernorCommand {
 pub(crate) struct Taken {
     pub hosting: Hosting,
     pub recorded: RuntimeStats,
+    /// Where its experts compute (for the ledger).
+    pub device: Device,
 }
 
 /// Requests to the engine.
@@ -83,6 +86,8 @@ pub(crate) enum Command {
     Adopt {
         record: JoinedRecord,
         hosting: Box<Hosting>,
+        /// Where its experts compute (for the ledger).
+        device: Device,
         reply: oneshot::Sender<()>,
     },
     /// Removes a hosting from the map and hands it over for leaving.
@@ -109,6 +114,47 @@ struct Joined {
     recorded: RuntimeStats,
     /// Whether `Hosting::pause` is in effect (declarations withdrawn).
     withdrawn: bool,
+    /// Where the experts compute (for the ledger).
+    device: Device,
+    /// Each expert's rates over the last load period (the feed period), by uid.
+    rates: BTreeMap<String, Rate>,
+    /// When the current load period started (the last feed, or the adoption).
+    rates_since: Instant,
+}
+
+/// One expert's load over a period.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Rate {
+    /// The share of the period spent computing, 0–1.
+    pub busy_fraction: f64,
+    /// Forward and backward batches per second.
+    pub requests_per_s: f64,
+}
+
+/// Each expert's load between two snapshots `seconds` apart: the busy time's share of the period
+/// (clamped to 0–1: a batch is counted when it ends, so a long one may exceed its period) and the
+/// batches per second. An expert missing from `before` counts from zero; a period of no length
+/// gives zeros.
+pub(crate) fn rates(before: &RuntimeStats, now: &RuntimeStats, seconds: f64) -> BTreeMap<String, Rate> {
+    let zero = apiary_expert::ExpertStats::default();
+    now.experts
+        .iter()
+        .map(|e| {
+            let p = before.experts.iter().find(|p| p.uid == e.uid).unwrap_or(&zero);
+            let rate = if seconds.is_finite() && seconds > 0.0 {
+                let busy = e.busy.saturating_sub(p.busy).as_secs_f64();
+                let batches = e.forward_batches.saturating_sub(p.forward_batches)
+                    + e.backward_batches.saturating_sub(p.backward_batches);
+                Rate {
+                    busy_fraction: (busy / seconds).clamp(0.0, 1.0),
+                    requests_per_s: batches as f64 / seconds,
+                }
+            } else {
+                Rate::default()
+            };
+            (e.uid.clone(), rate)
+        })
+        .collect()
 }
 
 /// Everything the engine owns.
@@ -268,6 +314,7 @@ impl Engine {
             Command::Adopt {
                 record,
                 hosting,
+                device,
                 reply,
             } => {
                 st.reserved.remove(&record.id);
@@ -282,6 +329,9 @@ impl Engine {
                         record,
                         recorded,
                         withdrawn: false,
+                        device,
+                        rates: BTreeMap::new(),
+                        rates_since: Instant::now(),
                     },
                 );
                 self.settle(st).await;
@@ -297,6 +347,7 @@ impl Engine {
                         record_work(
                             &self.ledger,
                             &j.hosting.manifest().into(),
+                            j.device,
                             &j.recorded,
                             &now,
                             unix_now(),
@@ -307,6 +358,7 @@ impl Engine {
                         Ok(Taken {
                             hosting: j.hosting,
                             recorded: j.recorded,
+                            device: j.device,
                         })
                     }
                     None => Err(NodeError::NotJoined(id)),
@@ -336,23 +388,30 @@ impl Engine {
             GovernorCommand::SetMode(mode) => {
                 g.set_mode(mode)?;
                 self.config.send_modify(|c| c.policy.mode = mode);
-                self.save_config()?;
+                self.save_config(|file, now| file.policy = now.policy.clone())?;
             }
             GovernorCommand::SetPolicy(policy) => {
                 g.set_config((*policy).clone())?;
                 self.config.send_modify(|c| c.policy = *policy);
-                self.save_config()?;
+                self.save_config(|file, now| file.policy = now.policy.clone())?;
+            }
+            GovernorCommand::SetDevice(device) => {
+                // the GPU rules watch the GPU the next experts compute on
+                g.set_gpu(device.gpu())?;
+                self.config.send_modify(|c| c.device = device);
+                self.save_config(|file, now| file.device = now.device)?;
             }
         }
         Ok(())
     }
 
-    fn save_config(&self) -> Result<(), NodeError> {
+    /// Writes what `copy` copies from the settings in effect into the settings file (when the node
+    /// has one). Only what the handle changes (the policy, the device) goes into the file: the rest of
+    /// the node's settings may be overrides of this run (command-line flags).
+    fn save_config(&self, copy: impl FnOnce(&mut NodeConfig, &NodeConfig)) -> Result<(), NodeError> {
         if let Some(path) = &self.config_path {
-            // only what the handle changes (the policy) goes into the file: the rest of the node's
-            // settings may be overrides of this run (command-line flags)
             let mut file = NodeConfig::load(path)?;
-            file.policy = self.config.borrow().policy.clone();
+            copy(&mut file, &self.config.borrow());
             file.save(path)?;
         }
         Ok(())
@@ -425,10 +484,13 @@ impl Engine {
             record_work(
                 &self.ledger,
                 &j.hosting.manifest().into(),
+                j.device,
                 &j.recorded,
                 &stats,
                 now,
             );
+            j.rates = rates(&j.recorded, &stats, j.rates_since.elapsed().as_secs_f64());
+            j.rates_since = Instant::now();
             j.recorded = stats;
             if working && !j.withdrawn && seconds > 0.0 {
                 self.record(Event::Uptime {
@@ -487,7 +549,7 @@ impl Engine {
         for (_, j) in std::mem::take(&mut st.joined) {
             let manifest = ManifestRef::from(j.hosting.manifest());
             let last = j.hosting.leave().await;
-            record_work(&self.ledger, &manifest, &j.recorded, &last, unix_now());
+            record_work(&self.ledger, &manifest, j.device, &j.recorded, &last, unix_now());
         }
         let state = *self.governor.state().borrow();
         self.persist_state(state);
@@ -537,6 +599,22 @@ fn hosted(id: &str, j: &Joined) -> HostedStatus {
         queued_rows: s.queued_rows,
         accepting: s.gate != Gate::Stop,
         withdrawn: j.withdrawn,
+        experts: s
+            .experts
+            .iter()
+            .map(|e| {
+                let rate = j.rates.get(&e.uid).copied().unwrap_or_default();
+                ExpertLoad {
+                    uid: e.uid.clone(),
+                    forward_rows: e.forward_rows,
+                    backward_rows: e.backward_rows,
+                    optimizer_steps: e.optimizer_steps,
+                    queued_rows: e.queued_forward_rows + e.queued_backward_rows,
+                    busy_fraction: rate.busy_fraction,
+                    requests_per_s: rate.requests_per_s,
+                }
+            })
+            .collect(),
     }
 }
 
@@ -562,6 +640,7 @@ fn zeroed(stats: &RuntimeStats) -> RuntimeStats {
 pub(crate) fn record_work(
     ledger: &LedgerHandle,
     manifest: &ManifestRef,
+    device: Device,
     before: &RuntimeStats,
     now: &RuntimeStats,
     at: f64,
@@ -591,7 +670,7 @@ pub(crate) fn record_work(
                 experiment: experiment.clone(),
                 uid: e.uid.clone(),
                 pass,
-                device: Device::Cpu,
+                device,
                 calls,
                 samples,
                 optimizer_steps,
@@ -629,5 +708,53 @@ impl From<&Manifest> for ManifestRef {
             kind: m.expert.kind.clone(),
             hidden: m.expert.hidden_dim,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(uid: &str, fwd: u64, bwd: u64, busy_ms: u64) -> apiary_expert::ExpertStats {
+        apiary_expert::ExpertStats {
+            uid: uid.to_owned(),
+            forward_batches: fwd,
+            backward_batches: bwd,
+            busy: Duration::from_millis(busy_ms),
+            ..Default::default()
+        }
+    }
+
+    fn runtime(experts: Vec<apiary_expert::ExpertStats>) -> RuntimeStats {
+        RuntimeStats {
+            experts,
+            queued_rows: 0,
+            gate: Gate::Run,
+            last_stop_latency: None,
+            stopped: false,
+        }
+    }
+
+    #[test]
+    fn rates_are_deltas_over_the_period_and_busy_stays_within_0_and_1() {
+        let before = runtime(vec![stats("a", 10, 5, 100), stats("b", 0, 0, 0)]);
+        let now = runtime(vec![
+            stats("a", 14, 7, 600),
+            stats("b", 1, 0, 5_000),
+            stats("c", 2, 0, 250),
+        ]);
+        let r = rates(&before, &now, 2.0);
+        assert_eq!(r["a"].requests_per_s, 3.0);
+        assert!((r["a"].busy_fraction - 0.25).abs() < 1e-9);
+        // a batch counted at its end may exceed the period: clamped
+        assert_eq!(r["b"].busy_fraction, 1.0);
+        // a new expert counts from zero
+        assert_eq!(r["c"].requests_per_s, 1.0);
+        assert!((r["c"].busy_fraction - 0.125).abs() < 1e-9);
+        // counters that went back (a restart) and an empty period give zeros, never negatives or NaN
+        let r = rates(&now, &before, 1.0);
+        assert_eq!(r["a"], Rate::default());
+        let r = rates(&before, &now, 0.0);
+        assert!(r.values().all(|v| *v == Rate::default()));
     }
 }

@@ -105,6 +105,19 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The `device` setting names a device this build or this computer cannot compute on (`cuda:N`
+    /// without CUDA support, or a GPU that cannot be opened).
+    #[error("cannot compute on `{device}`: {reason}")]
+    DeviceUnavailable {
+        /// The setting.
+        device: crate::config::DeviceChoice,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A `device` setting was refused (not `auto`, `cpu` or `cuda:N`, or `cuda:N` in a build
+    /// without CUDA support).
+    #[error("{0}")]
+    BadDevice(String),
     /// The node has shut down.
     #[error("the node has stopped")]
     Stopped,
@@ -113,7 +126,8 @@ pub enum NodeError {
 impl NodeError {
     /// A stable, machine-readable name of the failure for UIs (`{code, message}` errors of the local
     /// API and the desktop app's commands): `not_found`, `already_joined`, `not_joined`,
-    /// `ambiguous_publisher`, `cannot_plan`, `bad_manifest`, `stopped`, `busy`, or `internal`.
+    /// `ambiguous_publisher`, `cannot_plan`, `bad_manifest`, `device_unavailable`, `bad_device`,
+    /// `stopped`, `busy`, or `internal`.
     pub fn code(&self) -> &'static str {
         use apiary_governor::GovernorError;
         match self {
@@ -123,6 +137,8 @@ impl NodeError {
             NodeError::AmbiguousPublisher { .. } => "ambiguous_publisher",
             NodeError::Plan { .. } => "cannot_plan",
             NodeError::Manifest { .. } => "bad_manifest",
+            NodeError::DeviceUnavailable { .. } => "device_unavailable",
+            NodeError::BadDevice(_) => "bad_device",
             NodeError::Stopped | NodeError::Governor(GovernorError::Stopped | GovernorError::Panicked) => {
                 "stopped"
             }

@@ -53,6 +53,7 @@
 
 pub mod api;
 mod config;
+mod device;
 mod engine;
 mod error;
 mod machine;
@@ -82,13 +83,14 @@ pub use apiary_catalog::{Card, GpuProfile, JoinPlan, MachineProfile};
 pub use apiary_governor::{Directive, Mode, PauseCause, PolicyConfig, Probes, Reading, Sample};
 pub use apiary_ledger::{Bucket, Filter, Row, Totals};
 pub use config::{
-    CONFIG_FILE, ConfigError, MAX_SNOOZE_S, NodeConfig, TEMPERATURE_TARGET_C, check_experiment_id,
-    check_policy, check_snooze, planning_mode,
+    BadDevice, CONFIG_FILE, ConfigError, DeviceChoice, MAX_GPU_INDEX, MAX_SNOOZE_S, NodeConfig,
+    TEMPERATURE_TARGET_C, check_experiment_id, check_policy, check_snooze, planning_mode,
 };
+pub use device::{APPLIES_NOTE, DeviceSetting};
 pub use error::NodeError;
 pub use machine::local_profile;
 use status::Events;
-pub use status::{HostedStatus, LoggedEvent, NodeEvent, NodeStatus, Reachability, RunState};
+pub use status::{ExpertLoad, HostedStatus, LoggedEvent, NodeEvent, NodeStatus, Reachability, RunState};
 
 use engine::{Command, Engine, GovernorCommand, JOINED_FILE, JoinedRecord, ManifestRef, POLICY_STATE_FILE};
 
@@ -196,6 +198,8 @@ impl Node {
                 probes,
                 GovernorOptions {
                     initial_state,
+                    // the GPU rules watch the GPU the experts compute on
+                    gpu: config.device.gpu(),
                     ..GovernorOptions::default()
                 },
             )
@@ -534,6 +538,21 @@ impl NodeHandle {
         self.governor(GovernorCommand::SetPolicy(Box::new(policy))).await
     }
 
+    /// The `device` setting: where experts joined from now on compute.
+    pub fn device(&self) -> DeviceSetting {
+        DeviceSetting::of(self.config().device)
+    }
+
+    /// Changes where experts compute (`auto`, `cpu` or `cuda:N`), written back to the config file
+    /// the node was loaded from. Applies to experts joined after the change; the governor's GPU rules
+    /// watch the selected GPU from now on. `cuda:N` in a build without CUDA support is refused
+    /// ([`NodeError::BadDevice`]); a GPU that cannot be opened fails at join time.
+    pub async fn set_device(&self, device: DeviceChoice) -> Result<DeviceSetting, NodeError> {
+        let device = device.check_supported().map_err(NodeError::BadDevice)?;
+        self.governor(GovernorCommand::SetDevice(device)).await?;
+        Ok(self.device())
+    }
+
     async fn catalog(&self) -> DhtCatalog {
         match fetch(&self.inner.dht, unix_seconds()).await {
             Ok(c) => c,
@@ -544,18 +563,35 @@ impl NodeHandle {
         }
     }
 
-    /// This computer as the catalog's fit sees it (cores, RAM, free disk where the data lives, GPUs):
-    /// the first-run wizard's hardware check.
+    /// This computer (cores, RAM, free disk where the data lives) with every GPU the governor's NVML
+    /// probe finds, in NVML index order (`gpus[i]` is the `device` setting `cuda:i`; empty without an
+    /// NVIDIA driver): the first-run wizard's hardware check and the settings' device choice.
     pub async fn machine_profile(&self) -> MachineProfile {
-        self.machine().await
+        let mut profile = self.local().await;
+        profile.gpus = self.gpus();
+        profile
     }
 
-    async fn machine(&self) -> apiary_catalog::MachineProfile {
+    /// The GPUs the governor's latest sample lists.
+    fn gpus(&self) -> Vec<GpuProfile> {
+        let sample = self.inner.status.borrow().telemetry.clone();
+        device::gpus(sample.as_deref())
+    }
+
+    async fn local(&self) -> MachineProfile {
         let dir = self.inner.data_dir.clone();
         match tokio::task::spawn_blocking(move || local_profile(&dir)).await {
             Ok(p) => p,
             Err(_) => local_profile(&self.inner.data_dir),
         }
+    }
+
+    /// This computer as join planning sees it: the GPUs are those the `device` setting allows (none
+    /// for the CPU, GPU N alone for `cuda:N`).
+    async fn machine(&self) -> apiary_catalog::MachineProfile {
+        let mut profile = self.local().await;
+        profile.gpus = device::for_planning(self.gpus(), self.config().device);
+        profile
     }
 
     /// The experiments this node can join: the bundled catalog and what the DHT lists (a DHT listing
@@ -627,7 +663,7 @@ impl NodeHandle {
         self.request(|reply| Command::Reserve { id: reserve, reply })
             .await??;
         match self.start_hosting(&id, &options).await {
-            Ok((hosting, plan, publisher)) => {
+            Ok((hosting, plan, publisher, device)) => {
                 let record = JoinedRecord {
                     id: id.clone(),
                     publisher,
@@ -637,6 +673,7 @@ impl NodeHandle {
                 self.request(|reply| Command::Adopt {
                     record,
                     hosting,
+                    device,
                     reply,
                 })
                 .await?;
@@ -653,7 +690,10 @@ impl NodeHandle {
         &self,
         id: &str,
         options: &JoinOptions,
-    ) -> Result<(Hosting, JoinPlan, Option<String>), NodeError> {
+    ) -> Result<(Hosting, JoinPlan, Option<String>, apiary_ledger::Device), NodeError> {
+        // a device this build cannot compute on is refused before anything else
+        let choice = self.config().device;
+        device::require_supported(choice)?;
         let catalog = self.catalog().await;
         let listing = pick(&catalog, id, options.publisher.as_deref())?.ok_or_else(|| not_listed(id))?;
         let manifest = listing.manifest().clone();
@@ -682,11 +722,23 @@ impl NodeHandle {
             id: id.to_owned(),
             source,
         })?;
+        // the device the experts compute on (opening a GPU may take a while: off the async workers)
+        let found = self.gpus().len();
+        let (device, counted_as) = tokio::task::spawn_blocking(move || device::open(choice, found))
+            .await
+            .map_err(|_| NodeError::DeviceUnavailable {
+                device: choice,
+                reason: "opening the device failed".to_owned(),
+            })??;
         let period = config.update_period;
         let hosting_config = HostingConfig {
             update_period: period,
             expiration: (2 * period).max(Duration::from_secs(3)),
             checkpoint_dir: Some(self.inner.data_dir.join("checkpoints")),
+            runtime: apiary_expert::RuntimeConfig {
+                device,
+                ..apiary_expert::RuntimeConfig::default()
+            },
             ..HostingConfig::default()
         };
         let hosting = Hosting::start(
@@ -704,7 +756,7 @@ impl NodeHandle {
                 source,
             },
         })?;
-        Ok((hosting, plan, Some(publisher)))
+        Ok((hosting, plan, Some(publisher), counted_as))
     }
 
     /// Leaves `id`: the roster entry and the declarations are withdrawn first, in-flight work
@@ -725,6 +777,7 @@ impl NodeHandle {
             engine::record_work(
                 &node.inner.ledger,
                 &manifest,
+                taken.device,
                 &taken.recorded,
                 &last,
                 apiary_ledger::unix_now(),

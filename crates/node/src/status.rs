@@ -61,6 +61,30 @@ pub struct HostedStatus {
     pub accepting: bool,
     /// Whether the declarations and the roster entry are withdrawn (paused).
     pub withdrawn: bool,
+    /// Each hosted expert's counters and load, in the order of `uids`.
+    pub experts: Vec<ExpertLoad>,
+}
+
+/// One hosted expert's work and load, as the status shows it. The counters are read at every
+/// status update; the rates (`busy_fraction`, `requests_per_s`) cover the last load period (about
+/// a second: the ledger feed's period) and are 0 until one has passed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExpertLoad {
+    /// The expert's uid.
+    pub uid: String,
+    /// Forward rows computed since joined (this run of the node).
+    pub forward_rows: u64,
+    /// Backward rows computed since joined.
+    pub backward_rows: u64,
+    /// Optimizer steps the expert has taken (including those restored from its checkpoint).
+    pub optimizer_steps: u64,
+    /// Rows waiting in the expert's forward and backward queues now.
+    pub queued_rows: usize,
+    /// The share of the last load period's wall time spent computing this expert's batches, 0–1
+    /// (the experts of one experiment share a compute thread, so their sum is at most about 1).
+    pub busy_fraction: f64,
+    /// Forward and backward batches computed per second over the last load period.
+    pub requests_per_s: f64,
 }
 
 /// The node's state for the UI (serializable as JSON for the app and the daemon's API).

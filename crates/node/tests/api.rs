@@ -875,3 +875,123 @@ async fn join_and_leave_a_published_experiment() {
     boot.stop().await;
     eprintln!("join_and_leave_a_published_experiment: {:.1?}", started.elapsed());
 }
+
+/// The `device` setting through the API: read, bad text and unsupported devices refused with `400`
+/// and a clear message, a good value saved to `node.toml` (and only it: command-line overrides stay
+/// out) and in effect again after a restart; a join under a device this build cannot use fails with
+/// a clear error, never a panic; `/api/machine` lists the GPUs the probe finds (none here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_setting_is_validated_saved_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config").join(apiary_node::CONFIG_FILE);
+    let config = lone_config(&dir.path().join("data"));
+    let node = Node::spawn_with_file(config.clone(), &path, probes(&User::default()))
+        .await
+        .unwrap();
+    let server = api::serve(node.clone(), local_api()).await.unwrap();
+    let c = Client::new(&server);
+
+    let (status, got) = c.get("/api/device").await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["device"], "auto");
+    assert_eq!(got["cuda_supported"], cfg!(feature = "cuda"));
+    assert!(
+        got["note"].as_str().unwrap().contains("joined after the change"),
+        "{got}"
+    );
+
+    // bad text: 400 naming what is expected; nothing saved
+    for bad in [
+        json!({ "device": "gpu" }),
+        json!({ "device": "cuda:x" }),
+        json!({ "device": "" }),
+    ] {
+        let got = c.put("/api/device", bad.clone()).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .unwrap()
+                .contains("expected `auto`, `cpu` or `cuda:N`"),
+            "{bad}: {got:?}"
+        );
+    }
+    assert_error(
+        &c.put("/api/device", json!({ "device": 0 })).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        &c.put("/api/device", json!({ "device": "cpu", "extra": 1 })).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert!(!path.exists(), "nothing saved yet");
+    if !cfg!(feature = "cuda") {
+        // a GPU in a build without CUDA support: refused by the API and by the handle
+        let got = c.put("/api/device", json!({ "device": "cuda:0" })).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+        assert!(
+            got.1["message"].as_str().unwrap().contains("no CUDA support"),
+            "{got:?}"
+        );
+        let e = node
+            .set_device(apiary_node::DeviceChoice::Cuda(0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "bad_device");
+        assert_eq!(node.device().device, apiary_node::DeviceChoice::Auto);
+    }
+
+    // a good value: in effect, and saved (only the device: the file has no data_dir override)
+    let (status, got) = c.put("/api/device", json!({ "device": "cpu" })).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["device"], "cpu");
+    assert_eq!(c.get("/api/device").await.1["device"], "cpu");
+    assert_eq!(node.config().device, apiary_node::DeviceChoice::Cpu);
+    let saved = NodeConfig::load(&path).unwrap();
+    assert_eq!(saved.device, apiary_node::DeviceChoice::Cpu);
+    assert_eq!(saved.data_dir, NodeConfig::default().data_dir);
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("device = \"cpu\""),
+        "{}",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    // the machine profile lists the GPUs the (test) probe finds: none
+    let (status, machine) = c.get("/api/machine").await;
+    assert_eq!(status, StatusCode::OK, "{machine}");
+    assert_eq!(machine["gpus"], json!([]));
+    server.shutdown().await;
+    node.shutdown().await.unwrap();
+
+    // a restart from the file: the device is back
+    let node = Node::spawn_from(&path, probes(&User::default())).await.unwrap();
+    assert_eq!(node.device().device, apiary_node::DeviceChoice::Cpu);
+    node.shutdown().await.unwrap();
+
+    // a file naming a GPU this build cannot use: the node starts, and a join says why it cannot
+    if !cfg!(feature = "cuda") {
+        let gpu = NodeConfig {
+            device: apiary_node::DeviceChoice::Cuda(1),
+            ..lone_config(&dir.path().join("data2"))
+        };
+        let node = Node::spawn(gpu, probes(&User::default())).await.unwrap();
+        let server = api::serve(node.clone(), local_api()).await.unwrap();
+        let c = Client::new(&server);
+        assert_eq!(c.get("/api/device").await.1["device"], "cuda:1");
+        let got = c
+            .post(&format!("/api/experiments/{LOCAL_DEMO_ID}/join"), None)
+            .await;
+        assert_error(&got, StatusCode::UNPROCESSABLE_ENTITY, "device_unavailable");
+        let message = got.1["message"].as_str().unwrap();
+        assert!(
+            message.contains("cuda:1") && message.contains("no CUDA support"),
+            "{message}"
+        );
+        assert!(node.status().borrow().experiments.is_empty());
+        server.shutdown().await;
+        node.shutdown().await.unwrap();
+    }
+}

@@ -750,3 +750,126 @@ async fn a_finished_experiment_is_left() {
     node.shutdown().await.unwrap();
     swarm.stop().await;
 }
+
+/// The status's per-expert load: forward and backward calls from a client grow the expert's
+/// counters, a steady stream shows as requests per second, and the busy share stays within 0–1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_expert_load_grows_with_calls() {
+    let swarm = Swarm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::spawn(swarm.config(dir.path()), probes(&User::default()))
+        .await
+        .unwrap();
+    let peer_id = node.p2p().local_peer_id();
+    wait_state(&node, RunState::Running, PATIENCE).await;
+    let plan = wait_for("joining the demo", PATIENCE, async || {
+        node.join(
+            LOCAL_DEMO_ID,
+            JoinOptions {
+                max_experts: Some(4),
+                publisher: Some(swarm.fingerprint.clone()),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })
+    .await;
+    let uids = plan.uids.clone();
+    let status = node.status().borrow().clone();
+    let hosted = &status.experiments[0];
+    assert_eq!(
+        hosted.experts.iter().map(|e| &e.uid).collect::<Vec<_>>(),
+        hosted.uids.iter().collect::<Vec<_>>()
+    );
+    assert!(
+        hosted
+            .experts
+            .iter()
+            .all(|e| e.forward_rows == 0 && e.backward_rows == 0 && e.requests_per_s == 0.0),
+        "{hosted:?}"
+    );
+
+    // one expert, called directly: 16 forward rows, then 8 backward rows with an optimizer step
+    let uid = uids[0].clone();
+    let transport = swarm.publisher.transport();
+    let addr = ExpertAddr::new(&uid, peer_id);
+    wait_for("the expert to answer", PATIENCE, async || {
+        forward(&transport, &uid, peer_id, 16).await
+    })
+    .await;
+    let x = Tensor::randn(0f32, 1.0, (8, HIDDEN), &Device::Cpu).unwrap();
+    let g = Tensor::ones((8, HIDDEN), candle_core::DType::F32, &Device::Cpu).unwrap();
+    transport.backward(&addr, vec![x], vec![g]).await.unwrap();
+    let mut rx = node.status();
+    let load = |s: &apiary_node::NodeStatus, uid: &str| {
+        s.experiments
+            .first()
+            .and_then(|h| h.experts.iter().find(|e| e.uid == uid))
+            .cloned()
+    };
+    let first = wait_for("the calls in the expert's counters", PATIENCE, async || {
+        let s = rx.borrow_and_update().clone();
+        match load(&s, &uid) {
+            Some(e) if e.forward_rows >= 16 && e.backward_rows >= 8 && e.optimizer_steps >= 1 => Ok(e),
+            e => Err(format!("{e:?}")),
+        }
+    })
+    .await;
+    // the other experts were not called
+    let s = node.status().borrow().clone();
+    for other in &uids[1..] {
+        let e = load(&s, other).unwrap();
+        assert_eq!((e.forward_rows, e.backward_rows), (0, 0), "{e:?}");
+    }
+
+    // a steady stream of forward calls: requests per second and a busy share show in the status
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (transport, uid, stop) = (transport.clone(), uid.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = forward(&transport, &uid, peer_id, 32).await;
+            }
+        })
+    };
+    let busy = wait_for("a load rate in the status", PATIENCE, async || {
+        let s = rx.borrow_and_update().clone();
+        let e = load(&s, &uid).ok_or("no expert")?;
+        for h in &s.experiments {
+            for e in &h.experts {
+                assert!(
+                    (0.0..=1.0).contains(&e.busy_fraction) && e.requests_per_s >= 0.0,
+                    "{e:?}"
+                );
+            }
+        }
+        if e.requests_per_s > 0.0 && e.busy_fraction > 0.0 && e.forward_rows > first.forward_rows {
+            Ok(e)
+        } else {
+            Err(format!("{e:?}"))
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    stream.await.unwrap();
+    assert!(busy.busy_fraction <= 1.0, "{busy:?}");
+    eprintln!(
+        "per-expert load under a stream of 32-row forward calls: {:.1} requests/s, busy {:.0} %",
+        busy.requests_per_s,
+        busy.busy_fraction * 100.0
+    );
+    // once the stream stops, the rates fall back to zero within a couple of periods
+    wait_for("the rates back to zero", PATIENCE, async || {
+        let s = rx.borrow_and_update().clone();
+        let e = load(&s, &uid).ok_or("no expert")?;
+        if e.requests_per_s == 0.0 && e.busy_fraction == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{e:?}"))
+        }
+    })
+    .await;
+
+    node.shutdown().await.unwrap();
+    swarm.stop().await;
+}

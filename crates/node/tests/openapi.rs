@@ -606,6 +606,8 @@ async fn real_responses_match_the_documented_schemas() {
     assert!(status["telemetry"].is_object(), "{status}");
     check(&c, &doc, "get", "/api/policy", "/api/policy", ok).await;
     check(&c, &doc, "get", "/api/machine", "/api/machine", ok).await;
+    let device = check(&c, &doc, "get", "/api/device", "/api/device", ok).await;
+    assert_eq!(device["device"], "auto", "{device}");
     let cards = check(&c, &doc, "get", "/api/experiments", "/api/experiments", ok).await;
     assert!(!cards.as_array().unwrap().is_empty(), "{cards}");
     let show = format!("/api/experiments/{LOCAL_DEMO_ID}");

@@ -1,7 +1,9 @@
-//! The dashboard's checks in `cargo xtask test`: install `ui/`'s locked npm packages (downloads cached
-//! outside the clone), type-check and build it, run its Vitest suite, then `tests/e2e/dashboard.mjs`:
-//! Debian's Chromium (driven by playwright-core) against the dashboard served by a real `apiary node run`
-//! joined to a real `apiary demo` swarm. Screenshots land in `target/e2e/`.
+//! The dashboard's and the desktop app's checks in `cargo xtask test`: install `ui/`'s locked npm
+//! packages (downloads cached outside the clone), type-check and build it, run its Vitest suite, then
+//! `tests/e2e/dashboard.mjs` (Debian's Chromium, driven by playwright-core, against the dashboard served
+//! by a real `apiary node run` joined to a real `apiary demo` swarm) and `tests/e2e/desktop.mjs` (the
+//! real `apiary-desktop` under Xvfb and a private D-Bus, driven through tauri-driver). Screenshots land
+//! in `target/e2e/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,7 +18,9 @@ const NODE_MIN: (u32, u32) = (20, 19);
 /// The browser the end-to-end test drives (the `chromium` package; never a downloaded one).
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 
-pub fn test() -> Result<()> {
+/// Installs `ui/`'s locked packages and builds `ui/dist`: before `cargo test`, which embeds it in the
+/// desktop app (`apiary-desktop/custom-protocol`).
+pub fn build() -> Result<()> {
     check_node()?;
     let npm_cache = setup::cache_dir().join("npm");
     step(
@@ -36,30 +40,45 @@ pub fn test() -> Result<()> {
     step(
         "dashboard: type-check and build ui/ into ui/dist",
         Command::new("npm").args(["--prefix", "ui", "run", "build"]),
-    )?;
+    )
+}
+
+/// Vitest, then both end-to-end tests (after `cargo test` built `apiary` and `apiary-desktop`).
+pub fn test() -> Result<()> {
     step(
         "dashboard: unit and component tests (Vitest)",
         Command::new("npm").args(["--prefix", "ui", "test"]),
     )?;
+    let artifacts = root().join("target/e2e");
     step(
         "dashboard in Chromium against a real node and a real demo swarm (tests/e2e/dashboard.mjs)",
         Command::new("node")
             .arg("tests/e2e/dashboard.mjs")
-            .env("APIARY", apiary_binary())
+            .env("APIARY", debug_binary("apiary"))
             .env("CHROMIUM", CHROMIUM)
-            .env("APIARY_E2E_ARTIFACTS", root().join("target/e2e")),
+            .env("APIARY_E2E_ARTIFACTS", &artifacts),
+    )?;
+    step(
+        "desktop app under Xvfb and D-Bus through tauri-driver/WebKitWebDriver: wizard, tray action, \
+         single instance, quit (tests/e2e/desktop.mjs)",
+        Command::new("xvfb-run")
+            .args(["-a", "-s", "-screen 0 1280x900x24", "dbus-run-session", "--"])
+            .args(["node", "tests/e2e/desktop.mjs"])
+            .env("APIARY", debug_binary("apiary"))
+            .env("APIARY_DESKTOP", debug_binary("apiary-desktop"))
+            .env("APIARY_E2E_ARTIFACTS", &artifacts),
     )
 }
 
-/// The debug `apiary` that `cargo test --workspace` built.
-fn apiary_binary() -> PathBuf {
+/// A debug binary `cargo test --workspace` built.
+pub fn debug_binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let target = if target.is_absolute() {
         target
     } else {
         root().join(target)
     };
-    target.join("debug").join("apiary")
+    target.join("debug").join(name)
 }
 
 fn check_node() -> Result<()> {

@@ -138,12 +138,23 @@ fn test(extra: &[String]) -> Result<()> {
             "sources",
         ]),
     )?;
+    dashboard::build()?;
     step(
-        "every test suite (unit, golden vectors against hivemind, interop through the hivemind venv)",
+        "every test suite (unit, golden vectors against hivemind, interop through the hivemind venv); \
+         the desktop app built with the dashboard embedded",
         cargo()
-            .args(["test", "--workspace"])
+            .args([
+                "test",
+                "--workspace",
+                "--features",
+                "apiary-desktop/custom-protocol",
+            ])
             .args(extra)
             .env("APIARY_HIVEMIND_PYTHON", &env.hivemind_python),
+    )?;
+    step(
+        "the desktop app's binary with the dashboard embedded (for its end-to-end test)",
+        cargo().args(["build", "-p", "apiary-desktop", "--features", "custom-protocol"]),
     )?;
     dashboard::test()?;
     eprintln!("\nxtask: all checks passed");

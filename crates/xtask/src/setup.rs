@@ -38,16 +38,35 @@ pub fn all() -> Result<Env> {
     Ok(Env { hivemind_python })
 }
 
-/// cargo subcommands the checks use, installed into `~/.cargo/bin` (outside the clone) once.
+/// Cargo-installed tools the checks use, installed into `~/.cargo/bin` (outside the clone) once.
 fn cargo_tools() -> Result<()> {
-    if succeeds(Command::new("cargo").args(["deny", "--version"])) {
-        eprintln!("==> cargo-deny: present");
-        return Ok(());
+    for (binary, what, krate) in [
+        (
+            "cargo-deny",
+            "licence, ban and source checks of the dependency tree",
+            "cargo-deny@^0.20",
+        ),
+        // Tauri 3 alphas are the registry's newest: stay on 2, like every Tauri crate here
+        (
+            "tauri-driver",
+            "WebDriver for the desktop app's end-to-end test",
+            "tauri-driver@^2",
+        ),
+    ] {
+        if on_path(binary) {
+            eprintln!("==> {binary}: present");
+            continue;
+        }
+        step(
+            &format!("install {binary} ({what}; once per machine)"),
+            Command::new("cargo").args(["install", "--locked", krate]),
+        )?;
     }
-    step(
-        "install cargo-deny (licence, ban and source checks of the dependency tree; once per machine)",
-        Command::new("cargo").args(["install", "--locked", "cargo-deny@^0.20"]),
-    )
+    Ok(())
+}
+
+fn on_path(binary: &str) -> bool {
+    succeeds(Command::new("sh").args(["-c", &format!("command -v {binary}")]))
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -71,8 +90,11 @@ fn system_packages() -> Result<()> {
         ("dbus-daemon", "dbus-daemon"),
         // the systemd user unit in installers/linux is checked with systemd's own verifier
         ("systemd-analyze", "systemd"),
+        // the desktop app's end-to-end test: WebKitGTK's WebDriver, and the X screen's screenshots
+        ("WebKitWebDriver", "webkit2gtk-driver"),
+        ("import", "imagemagick"),
     ] {
-        if !succeeds(Command::new("sh").args(["-c", &format!("command -v {binary}")])) {
+        if !on_path(binary) {
             missing.push(package);
         }
     }
@@ -92,7 +114,7 @@ fn system_packages() -> Result<()> {
             missing.push(package);
         }
     }
-    if !succeeds(Command::new("sh").args(["-c", "command -v pkg-config"])) {
+    if !on_path("pkg-config") {
         missing.push("pkg-config");
     }
     // libxdo ships no pkg-config file: look for its development link

@@ -1,20 +1,21 @@
 // Experiments: cards from the catalog; a details view shows the join plan before Join.
 
 import { toApiError } from "../api";
-import { h, replace } from "../dom";
+import { h, replace, type Child } from "../dom";
 import { formatInt, formatMb, formatPercent, formatRelative } from "../format";
 import type { Ctx } from "../store";
-import type { Card, Placement, Preview } from "../types";
+import type { Card, JoinPlan, Placement, Preview } from "../types";
 
-function placementText(p: Placement | null): string {
+export function placementText(p: Placement | null): string {
   if (p === null) return "nowhere";
   return p === "cpu" ? "the CPU" : `GPU ${p.gpu.index}`;
 }
 
-const FIT_TEXT = { fits: "Fits this PC", tight: "Tight fit", does_not_fit: "Does not fit" } as const;
+export const FIT_TEXT = { fits: "Fits this PC", tight: "Tight fit", does_not_fit: "Does not fit" } as const;
 const NEED_TEXT = { high: "Needs you: high", moderate: "Needs you: moderate", low: "Needs you: low" } as const;
 
-function errorBox(): { el: HTMLElement; show: (e: unknown) => void; clear: () => void } {
+/** An inline error (role=alert), hidden until `show`. */
+export function errorBox(): { el: HTMLElement; show: (e: unknown) => void; clear: () => void } {
   const el = h("p", { class: "error", role: "alert", hidden: true });
   return {
     el,
@@ -28,6 +29,40 @@ function errorBox(): { el: HTMLElement; show: (e: unknown) => void; clear: () =>
       el.hidden = true;
     },
   };
+}
+
+/**
+ * What joining would do (the plan of a preview): the explanation, the placement and budget, the
+ * planned experts; or why there is no plan. Shared by the Experiments page and the first-run wizard.
+ * Hooks: `plan-explanation`, `plan-uids` (one `li` per uid), `why-not`.
+ */
+export function renderPlan(p: Preview, idPrefix = "plan"): Child[] {
+  const plan: JoinPlan | null = p.plan;
+  return [
+    plan
+      ? [
+          h("ul", { class: "explanation", "data-testid": "plan-explanation" }, plan.explanation.map((x) => h("li", null, x))),
+          h(
+            "p",
+            null,
+            `${plan.uids.length} expert${plan.uids.length === 1 ? "" : "s"} on ${placementText(plan.placement)}, ` +
+              `${formatMb(plan.total_mb)} of a ${formatMb(plan.budget_mb)} budget, about ${formatPercent(plan.expected_share)} of the calls.`,
+          ),
+          h("h4", { id: `${idPrefix}-uids-h` }, `Planned experts (${plan.uids.length}), most needed first`),
+          h(
+            "ul",
+            { class: "uids plan-uids", "data-testid": "plan-uids", "aria-labelledby": `${idPrefix}-uids-h` },
+            plan.uids.map((u) => h("li", null, h("code", null, u))),
+          ),
+        ]
+      : h("p", { class: "muted" }, "No plan: this experiment is not running in the swarm now."),
+    p.why_not && h("p", { class: "error", "data-testid": "why-not" }, p.why_not),
+  ];
+}
+
+/** "Joined: hosting 4 experts on the CPU." (with a title: "Joined Local demo: hosting …") */
+export function joinedText(plan: JoinPlan, title?: string): string {
+  return `Joined${title ? ` ${title}` : ""}: hosting ${plan.uids.length} expert${plan.uids.length === 1 ? "" : "s"} on ${placementText(plan.placement)}.`;
 }
 
 export function renderCard(card: Card, joined: boolean, actions: { onJoin: () => void; onLeave: () => void }, now: number): HTMLElement {
@@ -220,7 +255,7 @@ export function mountExperiments(root: HTMLElement, ctx: Ctx): () => void {
           try {
             const plan = await api.join(c.id, { maxExperts, publisher: c.fingerprint });
             done.hidden = false;
-            done.textContent = `Joined: hosting ${plan.uids.length} expert${plan.uids.length === 1 ? "" : "s"} on ${placementText(plan.placement)}.`;
+            done.textContent = joinedText(plan);
             store.setStatus(await api.status());
             await load();
           } catch (e) {
@@ -232,7 +267,6 @@ export function mountExperiments(root: HTMLElement, ctx: Ctx): () => void {
       },
       "Join",
     );
-    const plan = p.plan;
     replace(
       detailsEl,
       h("h2", { id: "details-h" }, m.title || c.id),
@@ -250,20 +284,7 @@ export function mountExperiments(root: HTMLElement, ctx: Ctx): () => void {
         h("dd", null, formatRelative(m.expires, store.now())),
       ),
       h("h3", null, "What joining would do"),
-      plan
-        ? [
-            h("ul", { class: "explanation", "data-testid": "plan-explanation" }, plan.explanation.map((x) => h("li", null, x))),
-            h(
-              "p",
-              null,
-              `${plan.uids.length} expert${plan.uids.length === 1 ? "" : "s"} on ${placementText(plan.placement)}, ` +
-                `${formatMb(plan.total_mb)} of a ${formatMb(plan.budget_mb)} budget, about ${formatPercent(plan.expected_share)} of the calls.`,
-            ),
-            h("h4", { id: "plan-uids-h" }, `Planned experts (${plan.uids.length}), most needed first`),
-            h("ul", { class: "uids plan-uids", "data-testid": "plan-uids", "aria-labelledby": "plan-uids-h" }, plan.uids.map((u) => h("li", null, h("code", null, u)))),
-          ]
-        : h("p", { class: "muted" }, "No plan: this experiment is not running in the swarm now."),
-      p.why_not && h("p", { class: "error", "data-testid": "why-not" }, p.why_not),
+      renderPlan(p),
       h(
         "div",
         { class: "controls" },

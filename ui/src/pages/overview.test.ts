@@ -119,3 +119,49 @@ describe("Overview", () => {
     expect(store.buffer.length).toBe(2);
   });
 });
+
+describe("Overview: load per expert", () => {
+  beforeEach(() => document.body.replaceChildren());
+
+  it("shows a row per hosted expert with requests/s and a busy bar", () => {
+    const { store, root } = setup();
+    const s = fx.status();
+    const [a, b] = s.experiments[0].experts;
+    a.requests_per_s = 6.54;
+    a.busy_fraction = 0.42;
+    a.forward_rows = 51200;
+    b.busy_fraction = 1.7; // out of range: clamped
+    store.setStatus(s);
+    for (const x of s.experiments[0].experts) expect(byTestId(root, `expert-load-${x.uid}`)).toBeTruthy();
+    const row = byTestId(root, `expert-load-${a.uid}`);
+    expect(byTestId(root, `expert-rps-${a.uid}`).textContent).toBe("6.5");
+    expect(row.textContent).toContain("42 %");
+    expect(row.textContent).toContain("51,200");
+    const bar = row.querySelector<HTMLElement>("[role=meter]")!;
+    expect(bar.getAttribute("aria-valuenow")).toBe("42");
+    expect((bar.firstChild as HTMLElement).style.width).toBe("42%");
+    const other = byTestId(root, `expert-load-${b.uid}`).querySelector<HTMLElement>("[role=meter]")!;
+    expect(other.getAttribute("aria-valuenow")).toBe("100");
+    // the next status updates the row
+    const next = fx.status();
+    next.experiments[0].experts[0].requests_per_s = 0;
+    next.experiments[0].experts[0].busy_fraction = 0;
+    store.setStatus(next);
+    expect(byTestId(root, `expert-rps-${a.uid}`).textContent).toBe("0.0");
+    expect(byTestId(root, `expert-load-${a.uid}`).textContent).toContain("0 %");
+  });
+
+  it("shows no expert rows when nothing is joined, and tolerates a node without per-expert load", () => {
+    const { store, root } = setup();
+    const s = fx.status();
+    const old = s.experiments[0] as unknown as Record<string, unknown>;
+    delete old.experts;
+    store.setStatus(s);
+    expect(root.querySelector("[data-testid^=expert-load-]")).toBeNull();
+    expect(byTestId(root, `hosted-${s.experiments[0].id}`)).toBeTruthy();
+    const none = fx.status();
+    none.experiments = [];
+    store.setStatus(none);
+    expect(root.querySelector("[data-testid^=expert-load-]")).toBeNull();
+  });
+});

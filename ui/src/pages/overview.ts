@@ -30,6 +30,65 @@ const REACH_TEXT: Record<string, string> = {
   private: "behind NAT or a firewall (others reach it only through relays)",
 };
 
+/** A busy share (0–1) as a bar with its percentage; out-of-range values are clamped. */
+function busyBar(fraction: number): HTMLElement {
+  const f = Number.isFinite(fraction) ? Math.min(1, Math.max(0, fraction)) : 0;
+  const pct = Math.round(f * 100);
+  return h(
+    "span",
+    { class: "busy" },
+    h(
+      "span",
+      {
+        class: "busy-bar",
+        role: "meter",
+        "aria-label": "busy",
+        "aria-valuemin": 0,
+        "aria-valuemax": 100,
+        "aria-valuenow": pct,
+      },
+      h("span", { class: "busy-fill", style: { width: `${pct}%` } }),
+    ),
+    h("span", { class: "busy-text" }, `${pct} %`),
+  );
+}
+
+/** The hosted experts, one row each: requests/s, the busy share of the last period, counters. */
+function expertLoads(s: NodeStatus): HTMLElement | null {
+  const rows = s.experiments.flatMap((e) => (e.experts ?? []).map((x) => ({ e, x })));
+  if (!rows.length) return null;
+  return h(
+    "div",
+    { class: "table-wrap expert-loads" },
+    h(
+      "table",
+      { class: "table", "aria-label": "Load per expert (last second)" },
+      h(
+        "thead",
+        null,
+        h("tr", null, ["Expert", "Requests/s", "Busy", "Forward rows", "Backward rows", "Steps", "Queued"].map((c) => h("th", { scope: "col" }, c))),
+      ),
+      h(
+        "tbody",
+        null,
+        rows.map(({ e, x }) =>
+          h(
+            "tr",
+            { "data-testid": `expert-load-${x.uid}` },
+            h("th", { scope: "row" }, h("code", { title: `${e.title || e.id}: ${x.uid}` }, x.uid)),
+            h("td", { class: "num", "data-testid": `expert-rps-${x.uid}` }, x.requests_per_s.toFixed(1)),
+            h("td", null, busyBar(x.busy_fraction)),
+            h("td", { class: "num" }, formatInt(x.forward_rows)),
+            h("td", { class: "num" }, formatInt(x.backward_rows)),
+            h("td", { class: "num" }, formatInt(x.optimizer_steps)),
+            h("td", { class: "num" }, formatInt(x.queued_rows)),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
 export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
   const { api, store } = ctx;
   const msg = h("p", { class: "error", role: "alert", hidden: true });
@@ -375,6 +434,7 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
             }),
           ),
         ),
+        expertLoads(s),
       );
     }
   };

@@ -2,7 +2,7 @@ import { beforeEach, describe, expect, it } from "vitest";
 import { Store } from "../store";
 import { byTestId, fakeApi, flush } from "../test/fake-api";
 import { fx } from "../test/fixtures";
-import { BOOL_FIELDS, mountSettings, NUMBER_FIELDS, validatePolicy } from "./settings";
+import { BOOL_FIELDS, deviceOptions, mountSettings, NUMBER_FIELDS, validatePolicy } from "./settings";
 
 async function setup() {
   const { api } = fakeApi();
@@ -85,5 +85,77 @@ describe("Settings", () => {
   it("validatePolicy", () => {
     expect(validatePolicy(fx.policy())).toEqual({});
     expect(validatePolicy({ ...fx.policy(), idle_threshold_s: -1 })).toHaveProperty("idle_threshold_s");
+  });
+});
+
+describe("Settings: compute on (GPU selection)", () => {
+  beforeEach(() => document.body.replaceChildren());
+
+  const gpu = (name: string, mb: number) => ({ name, vram_total_mb: mb, vram_free_mb: mb });
+
+  it("offers Automatic and CPU, with a note when no GPU is found", async () => {
+    const { api, root } = await setup();
+    const sel = byTestId(root, "setting-device") as HTMLSelectElement;
+    expect(root.querySelector(`label[for="${sel.id}"]`)?.textContent).toBe("Compute on");
+    expect([...sel.options].map((o) => o.value)).toEqual(["auto", "cpu"]);
+    expect(sel.value).toBe("auto");
+    expect(sel.disabled).toBe(false);
+    expect(byTestId(root, "device-note").textContent).toContain("No GPU found");
+    expect(byTestId(root, "device-note").textContent).toContain("Applies to experts joined after the change");
+    expect(api.device).toHaveBeenCalledOnce();
+    expect(api.machine).toHaveBeenCalledOnce();
+  });
+
+  it("lists each GPU and saves a choice at once", async () => {
+    const { api } = fakeApi();
+    api.device.mockResolvedValue({ device: "auto", cuda_supported: true, note: "applies to experts joined after the change" });
+    api.setDevice.mockImplementation(async (device: string) => ({ device, cuda_supported: true, note: "applies to experts joined after the change" }));
+    const m = fx.machine();
+    m.gpus = [gpu("NVIDIA GeForce RTX 4070", 12282), gpu("NVIDIA RTX A2000", 6138)];
+    api.machine.mockResolvedValue(m);
+    const root = document.createElement("div");
+    document.body.replaceChildren(root);
+    mountSettings(root, { api, store: new Store(), charts: false });
+    await flush();
+    const sel = byTestId(root, "setting-device") as HTMLSelectElement;
+    expect([...sel.options].map((o) => o.value)).toEqual(["auto", "cpu", "cuda:0", "cuda:1"]);
+    expect(sel.options[2].textContent).toContain("RTX 4070");
+    expect(sel.options[2].disabled).toBe(false);
+    expect(byTestId(root, "device-note").textContent).not.toContain("No GPU found");
+    sel.value = "cuda:1";
+    sel.dispatchEvent(new Event("change"));
+    await flush();
+    expect(api.setDevice).toHaveBeenCalledWith("cuda:1");
+    expect(byTestId(root, "device-saved").textContent).toContain("joined from now on");
+    expect((byTestId(root, "setting-device") as HTMLSelectElement).value).toBe("cuda:1");
+    // the policy form is not sent for it
+    expect(api.setPolicy).not.toHaveBeenCalled();
+  });
+
+  it("shows a refusal and goes back to the setting in effect", async () => {
+    const { api } = fakeApi();
+    api.setDevice.mockRejectedValue({ code: "bad_request", message: "`cuda:0` cannot be used: this build of Apiary has no CUDA support" });
+    const m = fx.machine();
+    m.gpus = [gpu("NVIDIA GeForce RTX 3060", 12288)];
+    api.machine.mockResolvedValue(m);
+    const root = document.createElement("div");
+    document.body.replaceChildren(root);
+    mountSettings(root, { api, store: new Store(), charts: false });
+    await flush();
+    const sel = byTestId(root, "setting-device") as HTMLSelectElement;
+    // a build without GPU support: the GPU is listed but cannot be chosen
+    expect(sel.options[2].disabled).toBe(true);
+    expect(byTestId(root, "device-note").textContent).toContain("CPU only");
+    sel.value = "cpu";
+    sel.dispatchEvent(new Event("change"));
+    await flush();
+    expect(byTestId(root, "device-error").textContent).toContain("no CUDA support");
+    expect((byTestId(root, "setting-device") as HTMLSelectElement).value).toBe("auto");
+  });
+
+  it("keeps a GPU setting that names a GPU not found now", () => {
+    const opts = deviceOptions([], { device: "cuda:2", cuda_supported: true, note: "" });
+    expect(opts.map((o) => o.value)).toEqual(["auto", "cpu", "cuda:2"]);
+    expect(opts[2].label).toContain("GPU 2 (not found now)");
   });
 });

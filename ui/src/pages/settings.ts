@@ -3,9 +3,9 @@
 
 import { toApiError } from "../api";
 import { h, replace } from "../dom";
-import { formatMode } from "../format";
+import { formatMb, formatMode } from "../format";
 import type { Ctx } from "../store";
-import { MODES, type PolicyConfig, type Schedule, type ScheduleWindow } from "../types";
+import { MODES, type DeviceSetting, type GpuProfile, type PolicyConfig, type Schedule, type ScheduleWindow } from "../types";
 
 type NumField = {
   key: keyof PolicyConfig;
@@ -68,6 +68,102 @@ export function validatePolicy(p: PolicyConfig): Partial<Record<keyof PolicyConf
     }
   }
   return errs;
+}
+
+export type DeviceOption = { value: string; label: string; disabled: boolean };
+
+/** The "Compute on" choices: Automatic, the CPU, and each GPU the machine profile lists (`gpus[i]` is
+ *  `cuda:i`; not selectable in a build without CUDA support). A setting naming a GPU not found now
+ *  stays listed, so the select shows what is in effect. */
+export function deviceOptions(gpus: GpuProfile[], setting: DeviceSetting): DeviceOption[] {
+  const opts: DeviceOption[] = [
+    {
+      value: "auto",
+      label: setting.cuda_supported ? "Automatic (the first GPU if there is one, else the CPU)" : "Automatic (the CPU in this build)",
+      disabled: false,
+    },
+    { value: "cpu", label: "CPU", disabled: false },
+    ...gpus.map((g, i) => ({
+      value: `cuda:${i}`,
+      label: `GPU ${i}: ${g.name}${g.vram_total_mb > 0 ? ` (${formatMb(g.vram_total_mb)})` : ""}${setting.cuda_supported ? "" : " (needs a build with GPU support)"}`,
+      disabled: !setting.cuda_supported,
+    })),
+  ];
+  if (!opts.some((o) => o.value === setting.device)) {
+    opts.push({ value: setting.device, label: `${setting.device.replace(/^cuda:/, "GPU ")} (not found now)`, disabled: false });
+  }
+  return opts;
+}
+
+/** The "Compute on" setting: saved at once on change (its own endpoint, not the policy form). */
+function mountDevice(ctx: Ctx, alive: () => boolean): HTMLElement {
+  const { api } = ctx;
+  const sel = h("select", { id: "setting-device", name: "device", "data-testid": "setting-device", disabled: true, "aria-describedby": "help-device" }, h("option", null, "Loading…"));
+  const note = h("small", { id: "help-device", class: "muted", "data-testid": "device-note" });
+  const msg = h("div", { role: "status", "aria-live": "polite", "data-testid": "device-status" });
+  let setting: DeviceSetting | null = null;
+  let gpus: GpuProfile[] = [];
+
+  const render = () => {
+    if (!setting) return;
+    replace(
+      sel,
+      deviceOptions(gpus, setting).map((o) => h("option", { value: o.value, disabled: o.disabled, selected: o.value === setting!.device }, o.label)),
+    );
+    sel.value = setting.device;
+    sel.disabled = false;
+    const lines: string[] = [];
+    if (!gpus.length) lines.push("No GPU found: experts compute on the CPU.");
+    else if (!setting.cuda_supported) lines.push("This build computes on the CPU only.");
+    const n = setting.note.trim();
+    if (n) lines.push(`${n[0].toUpperCase()}${n.slice(1)}${n.endsWith(".") ? "" : "."}`);
+    note.textContent = lines.join(" ");
+  };
+
+  sel.addEventListener("change", async () => {
+    if (!setting) return;
+    const want = sel.value;
+    const before = setting.device;
+    sel.disabled = true;
+    msg.replaceChildren();
+    try {
+      setting = await api.setDevice(want);
+      if (!alive()) return;
+      msg.replaceChildren(h("p", { class: "ok", "data-testid": "device-saved" }, "Saved: experts joined from now on compute there."));
+    } catch (e) {
+      if (!alive()) return;
+      const err = toApiError(e);
+      setting = { ...setting, device: before };
+      msg.replaceChildren(h("p", { class: "error", role: "alert", "data-testid": "device-error" }, `Not saved: ${err.message}`));
+    }
+    render();
+  });
+
+  void (async () => {
+    const [d, m] = await Promise.allSettled([api.device(), api.machine()]);
+    if (!alive()) return;
+    gpus = m.status === "fulfilled" ? m.value.gpus : [];
+    if (d.status === "fulfilled") {
+      setting = d.value;
+      render();
+    } else {
+      const err = toApiError(d.reason);
+      replace(sel, h("option", null, "unknown"));
+      msg.replaceChildren(h("p", { class: "error", role: "alert", "data-testid": "device-error" }, `${err.message} (${err.code})`));
+    }
+  })();
+
+  return h(
+    "div",
+    { class: "settings" },
+    h(
+      "fieldset",
+      { class: "device" },
+      h("legend", null, "GPU selection"),
+      h("div", { class: "field" }, h("label", { for: "setting-device" }, "Compute on"), sel, note),
+      msg,
+    ),
+  );
 }
 
 export function mountSettings(root: HTMLElement, ctx: Ctx): () => void {
@@ -285,7 +381,8 @@ export function mountSettings(root: HTMLElement, ctx: Ctx): () => void {
     }
   };
 
-  root.append(h("section", { class: "panel", "aria-labelledby": "settings-h" }, h("h1", { id: "settings-h" }, "Settings"), topErr, form, savedSlot));
+  const deviceBox = mountDevice(ctx, () => alive);
+  root.append(h("section", { class: "panel", "aria-labelledby": "settings-h" }, h("h1", { id: "settings-h" }, "Settings"), deviceBox, topErr, form, savedSlot));
   void load();
   return () => {
     alive = false;

@@ -15,6 +15,8 @@ export function fakeApi() {
     setMode: vi.fn(async () => ({ ok: true as const })),
     policy: vi.fn(async () => fx.policy()),
     setPolicy: vi.fn(async (p) => p),
+    device: vi.fn(async () => ({ device: "auto", cuda_supported: false, note: "applies to experts joined after the change" })),
+    setDevice: vi.fn(async (device: string) => ({ device, cuda_supported: false, note: "applies to experts joined after the change" })),
     experiments: vi.fn(async () => fx.experiments()),
     showExperiment: vi.fn(async () => fx.preview()),
     join: vi.fn(async () => fx.joinPlan()),
@@ -23,6 +25,12 @@ export function fakeApi() {
     history: vi.fn(async () => fx.history()),
     exportCsv: vi.fn(async () => "a,b\n1,2\n"),
     log: vi.fn(async () => fx.log()),
+    machine: vi.fn(async () => fx.machine()),
+    firstRun: vi.fn(async () => false),
+    completeSetup: vi.fn(async (_start: boolean) => {}),
+    // like the HTTP transport: no autostart there
+    autostart: vi.fn(async (): Promise<boolean | null> => null),
+    setAutostart: vi.fn(async (enabled: boolean) => enabled),
     subscribe: vi.fn((h: StreamHandlers) => {
       handlers.push(h);
       return () => {};

@@ -5,10 +5,11 @@ import experiments from "../fixtures/experiments.json";
 import history from "../fixtures/history.json";
 import joinPlan from "../fixtures/join-plan.json";
 import log from "../fixtures/log.json";
+import machine from "../fixtures/machine.json";
 import policy from "../fixtures/policy.json";
 import preview from "../fixtures/preview.json";
 import status from "../fixtures/status.json";
-import type { Card, JoinPlan, LoggedEvent, NodeStatus, PolicyConfig, Preview, Row, Totals } from "../types";
+import type { Card, JoinPlan, LoggedEvent, MachineProfile, NodeStatus, PolicyConfig, Preview, Row, Totals } from "../types";
 
 const clone = <T>(x: unknown): T => structuredClone(x) as T;
 
@@ -21,6 +22,7 @@ export const fx = {
   contributions: () => clone<Totals>(contributions),
   history: () => clone<Row[]>(history),
   log: () => clone<LoggedEvent[]>(log),
+  machine: () => clone<MachineProfile>(machine),
 };
 
 /** A status with a GPU whose readings are known, for chart tests. */
