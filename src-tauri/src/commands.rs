@@ -218,6 +218,26 @@ pub fn painted(state: State<'_, AppState>) {
     }
 }
 
+/// Where the app keeps its settings, data and logs (shown in Settings).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AppPaths {
+    pub config_file: String,
+    pub data_dir: String,
+    pub log_dir: Option<String>,
+}
+
+#[tauri::command]
+pub fn paths(app: tauri::AppHandle, state: State<'_, AppState>) -> Result<AppPaths> {
+    use tauri::Manager;
+    let config_file =
+        apiary_node::NodeConfig::default_path().map_err(|e| UiError::internal(e.to_string()))?;
+    Ok(AppPaths {
+        config_file: config_file.display().to_string(),
+        data_dir: state.node.config().data_dir.display().to_string(),
+        log_dir: app.path().app_log_dir().ok().map(|d| d.display().to_string()),
+    })
+}
+
 /// Asks the release feed whether a newer, signed release exists.
 #[tauri::command]
 pub async fn check_update(app: tauri::AppHandle) -> Result<Option<crate::update::UpdateInfo>> {

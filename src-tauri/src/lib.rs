@@ -3,7 +3,8 @@
 //! commands in [`commands`] and the events in [`events`]. The node's local HTTP API is served too, so
 //! `apiary node status|pause|…` and a browser reach the same node.
 //!
-//! Closing the window keeps the app in the tray; Quit leaves the experiments cleanly (in-flight work
+//! Closing the window keeps the app in the tray (the window and its WebKit processes are gone until
+//! the dashboard is opened again); Quit leaves the experiments cleanly (in-flight work
 //! drained, declarations withdrawn, checkpoints saved) before exiting. A second launch shows the first
 //! instance's window. `--minimized` (the autostart entry) starts without showing the window.
 
@@ -15,7 +16,7 @@ pub mod tray;
 pub mod update;
 
 use apiary_node::{ApiConfig, Node, NodeConfig, Probes};
-use tauri::{AppHandle, Manager, WindowEvent};
+use tauri::{AppHandle, Manager, RunEvent};
 
 use crate::commands::AppState;
 
@@ -71,23 +72,13 @@ pub fn run() {
                     Err(e) => tracing::warn!("no local API (another node may be running): {e}"),
                 }
             });
-            // the first run always shows its wizard
-            if setup_done
-                && std::env::args().any(|a| a == "--minimized")
-                && let Some(window) = app.get_webview_window(MAIN_WINDOW)
-            {
-                let _ = window.hide();
+            // the dashboard's window exists only while it is shown (a hidden webview keeps WebKit's
+            // processes, hundreds of MB and timers, alive); `--minimized` (the autostart entry) starts
+            // without it, except on the first run, which shows its wizard
+            if !(setup_done && std::env::args().any(|a| a == "--minimized")) {
+                show_window(&handle, None);
             }
             Ok(())
-        })
-        .on_window_event(|window, event| {
-            // closing the window keeps the app (and the node) in the tray
-            if let WindowEvent::CloseRequested { api, .. } = event
-                && window.label() == MAIN_WINDOW
-            {
-                let _ = window.hide();
-                api.prevent_close();
-            }
         })
         .invoke_handler(tauri::generate_handler![
             commands::status,
@@ -116,11 +107,18 @@ pub fn run() {
             commands::complete_setup,
             commands::painted,
             commands::check_update,
+            commands::paths,
             commands::install_update,
         ])
         .build(tauri::generate_context!());
     match built {
-        Ok(app) => app.run(|_, _| {}),
+        // closing the dashboard's window keeps the app (and the node) in the tray: only Quit (an
+        // explicit exit code) ends it
+        Ok(app) => app.run(|_, event| {
+            if let RunEvent::ExitRequested { code: None, api, .. } = event {
+                api.prevent_exit();
+            }
+        }),
         Err(e) => {
             eprintln!("apiary-desktop: cannot start: {e}");
             std::process::exit(1);
@@ -160,7 +158,8 @@ async fn start_node() -> Result<apiary_node::NodeHandle, Box<dyn std::error::Err
     Ok(Node::spawn_from(&path, Probes::platform()).await?)
 }
 
-/// Shows, unminimizes and focuses the dashboard, at `route` (`#/experiments`) when given.
+/// Shows, unminimizes and focuses the dashboard, at `route` (`#/experiments`) when given; creates
+/// its window (from `app.windows[0]` in `tauri.conf.json`) when it is closed.
 pub fn show_window(app: &AppHandle, route: Option<&str>) {
     if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
         if let Some(route) = route {
@@ -169,6 +168,36 @@ pub fn show_window(app: &AppHandle, route: Option<&str>) {
         let _ = window.show();
         let _ = window.unminimize();
         let _ = window.set_focus();
+        return;
+    }
+    let Some(config) = app
+        .config()
+        .app
+        .windows
+        .iter()
+        .find(|w| w.label == MAIN_WINDOW)
+        .cloned()
+    else {
+        tracing::warn!("no `{MAIN_WINDOW}` window in the configuration");
+        return;
+    };
+    let mut builder = match tauri::WebviewWindowBuilder::from_config(app, &config) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("cannot open the dashboard: {e}");
+            return;
+        }
+    };
+    if let Some(route) = route {
+        // before the dashboard's own scripts: it starts on that page
+        builder =
+            builder.initialization_script(format!("window.location.hash = {};", serde_json::json!(route)));
+    }
+    match builder.build() {
+        Ok(window) => {
+            let _ = window.set_focus();
+        }
+        Err(e) => tracing::warn!("cannot open the dashboard: {e}"),
     }
 }
 

@@ -20,6 +20,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -189,9 +190,26 @@ async function main() {
     '',
   ].join('\n'));
 
+  // a release feed on loopback offering 9.9.9 (the endpoint is a config value; plain http is accepted
+  // from loopback by debug builds only); the signature is only checked when an update is downloaded
+  const feedHits = [];
+  const feed = http.createServer((req, res) => {
+    feedHits.push(req.url);
+    const release = { signature: 'not checked before a download', url: 'http://127.0.0.1:9/apiary.AppImage' };
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    res.end(JSON.stringify({
+      version: '9.9.9',
+      notes: 'A test release.',
+      pub_date: '2026-11-27T00:00:00Z',
+      platforms: { 'linux-x86_64': release, 'linux-x86_64-appimage': release, 'linux-x86_64-deb': release },
+    }));
+  });
+  await new Promise((resolve) => feed.listen(0, '127.0.0.1', resolve));
+
   const env = {
     ...process.env,
     ...xdg,
+    APIARY_UPDATE_ENDPOINT: `http://127.0.0.1:${feed.address().port}/latest.json`,
     APIARY_API_BIND: '127.0.0.1:0',
     RUST_LOG: 'info',
     // no GPU under Xvfb: software rendering, no DMA-BUF renderer
@@ -281,6 +299,24 @@ async function main() {
     await wd.screenshot('overview');
     log(`overview shows ${state}`);
 
+    // 4b. Settings: the app's own section (autostart as the wizard left it, where things are, updates)
+    await wd.click('nav-settings');
+    assert.equal(await wd.text('path-data'), dataDir);
+    assert.equal(await wd.selected('setting-autostart'), true, 'autostart shows as on');
+    assert.equal(feedHits.length, 0, 'no update check before the user asks');
+    await wd.click('check-updates');
+    const offered = await poll('the update offered', 20_000, async () => {
+      try {
+        return await wd.text('update-available', 500);
+      } catch {
+        return undefined;
+      }
+    }, 500);
+    assert.equal(offered, 'Version 9.9.9 is available (this is 0.1.0).');
+    assert.ok(feedHits.length >= 1, 'the feed was asked');
+    await wd.screenshot('settings-update');
+    await wd.click('nav-overview');
+
     // 5. the tray's "Pause ▸ 1 hour", through the app's tray_action command
     const before = Date.now() / 1000;
     await wd.invoke('tray_action', { id: 'pause_1h' });
@@ -338,6 +374,7 @@ async function main() {
     const logDir = path.join(home, '.local/share/org.apiary.desktop/logs');
     if (fs.existsSync(logDir)) fs.cpSync(logDir, path.join(ARTIFACTS, 'app-logs'), { recursive: true });
     await wd.end();
+    feed.close();
     await driver.stop();
     await demo.stop();
     fs.rmSync(home, { recursive: true, force: true });

@@ -95,6 +95,15 @@ describe("HttpApi first-run calls", () => {
     expect(calls.map((c) => `${c.init.method} ${c.url}`)).toEqual(["POST http://h:1/api/resume"]);
   });
 
+  it("has no updates or app paths over HTTP (they are the desktop app's)", async () => {
+    const { f, calls } = fakeFetch(() => json({ ok: true }));
+    const api = new HttpApi({ token: "t", baseUrl: "http://h:1", fetch: f });
+    await expect(api.checkUpdate()).rejects.toMatchObject({ name: "ApiError", code: "unsupported" });
+    await expect(api.installUpdate()).rejects.toMatchObject({ name: "ApiError", code: "unsupported" });
+    expect(await api.paths()).toBeNull();
+    expect(calls).toEqual([]);
+  });
+
   it("a failed resume fails completeSetup with the node's error", async () => {
     const { f } = fakeFetch(() => json({ code: "stopped", message: "the node has stopped" }, 503));
     const api = new HttpApi({ token: "t", baseUrl: "http://h", fetch: f });

@@ -12,6 +12,7 @@
 import { invoke } from "@tauri-apps/api/core";
 import { listen, type UnlistenFn } from "@tauri-apps/api/event";
 import type {
+  AppPaths,
   Bucket,
   Card,
   DeviceSetting,
@@ -29,6 +30,7 @@ import type {
   Preview,
   Row,
   Totals,
+  UpdateInfo,
 } from "./types";
 
 /** An error from the node (its JSON `{code, message}`) or from getting there (`network`, ...). */
@@ -110,6 +112,12 @@ export interface Api {
   autostart(): Promise<boolean | null>;
   /** Turns starting with the session on or off; answers the state now. HTTP: `unsupported`. */
   setAutostart(enabled: boolean): Promise<boolean>;
+  /** Asks the desktop app's signed update feed for a newer release (null: up to date). Desktop app only. */
+  checkUpdate(): Promise<UpdateInfo | null>;
+  /** Installs the newer release and restarts the app (false: nothing newer). Desktop app only. */
+  installUpdate(): Promise<boolean>;
+  /** Where the desktop app keeps its settings, data and logs; null over HTTP. */
+  paths(): Promise<AppPaths | null>;
   /** Follows the status and the events; returns a function that stops. */
   subscribe(handlers: StreamHandlers): () => void;
 }
@@ -357,6 +365,15 @@ export class HttpApi implements Api {
   async setAutostart(_enabled: boolean): Promise<boolean> {
     throw new ApiError("unsupported", "starting with the session is a setting of the desktop app, not of a headless node");
   }
+  async checkUpdate(): Promise<UpdateInfo | null> {
+    throw new ApiError("unsupported", "updates are the desktop app's; a headless node is updated with its package");
+  }
+  async installUpdate(): Promise<boolean> {
+    throw new ApiError("unsupported", "updates are the desktop app's; a headless node is updated with its package");
+  }
+  async paths(): Promise<AppPaths | null> {
+    return null;
+  }
 
   /** The WebSocket URL of the event stream. */
   eventsUrl(): string {
@@ -526,6 +543,15 @@ export class IpcApi implements Api {
   }
   setAutostart(enabled: boolean) {
     return this.call<boolean>("set_autostart", { enabled });
+  }
+  checkUpdate() {
+    return this.call<UpdateInfo | null>("check_update");
+  }
+  installUpdate() {
+    return this.call<boolean>("install_update");
+  }
+  paths(): Promise<AppPaths | null> {
+    return this.call<AppPaths>("paths");
   }
 
   subscribe(h: StreamHandlers): () => void {

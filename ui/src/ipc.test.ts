@@ -104,6 +104,23 @@ describe("Tauri IPC transport", () => {
     await expect(api.setAutostart(true)).rejects.toMatchObject({ name: "ApiError", code: "internal", message: "no autostart entry" });
   });
 
+  it("invokes the app's own commands: updates, paths, first paint", async () => {
+    const api = new IpcApi();
+    const update = { version: "9.9.9", current_version: "0.1.0", notes: null, date: null };
+    invoke.mockResolvedValueOnce(update);
+    expect(await api.checkUpdate()).toEqual(update);
+    invoke.mockResolvedValueOnce(true);
+    expect(await api.installUpdate()).toBe(true);
+    const paths = { config_file: "/c/node.toml", data_dir: "/d", log_dir: "/l" };
+    invoke.mockResolvedValueOnce(paths);
+    expect(await api.paths()).toEqual(paths);
+    invoke.mockResolvedValueOnce(null);
+    await api.painted();
+    expect(invoke.mock.calls).toEqual([["check_update", undefined], ["install_update", undefined], ["paths", undefined], ["painted", undefined]]);
+    invoke.mockRejectedValueOnce({ code: "update_failed", message: "update check failed: offline" });
+    await expect(api.checkUpdate()).rejects.toMatchObject({ name: "ApiError", code: "update_failed" });
+  });
+
   it("turns command errors into ApiError", async () => {
     invoke.mockRejectedValueOnce({ code: "already_joined", message: "already hosting local-demo" });
     await expect(new IpcApi().join("local-demo")).rejects.toMatchObject({ name: "ApiError", code: "already_joined" });

@@ -57,6 +57,21 @@ export interface ExpertLoad {
 }
 
 /** Where experts compute (`GET/PUT /api/device`): `auto`, `cpu` or `cuda:N` (N = index in `MachineProfile.gpus`). */
+/** A newer release the desktop app's update feed offers (`check_update`). */
+export interface UpdateInfo {
+  version: string;
+  current_version: string;
+  notes: string | null;
+  date: string | null;
+}
+
+/** Where the desktop app keeps its settings, data and logs (`paths`). */
+export interface AppPaths {
+  config_file: string;
+  data_dir: string;
+  log_dir: string | null;
+}
+
 export interface DeviceSetting {
   device: string;
   /** Whether this build can compute on CUDA GPUs (else only `auto` = the CPU, and `cpu`). */

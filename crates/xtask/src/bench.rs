@@ -30,6 +30,10 @@
 //! `bench idle [--seconds 60]`: idle CPU and RSS of `apiary node run` joined but paused, beside an idle
 //! hivemind server's process tree, and the governor probes' cost per tick; `target/bench/idle.md`. See
 //! [`crate::bench_idle`].
+//!
+//! `bench desktop [--launches 5] [--seconds 60]`: the desktop app's binary size, cold start to the first
+//! painted dashboard and idle footprint (paused, window closed); `target/bench/desktop.md`. See
+//! [`crate::bench_desktop`].
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -65,6 +69,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("server") => server(&args[1..]),
         Some("moe") => moe::run(&args[1..]),
         Some("idle") => crate::bench_idle::run(&args[1..]),
+        Some("desktop") => crate::bench_desktop::run(&args[1..]),
         Some("codecs") => codecs(&args[1..]),
         _ => codecs(args),
     }

@@ -46,11 +46,27 @@ const RSS_BOUND_MB: f64 = 60.0;
 const EXPERIMENT: &str = "idle-bench-grid";
 const HIDDEN: usize = 32;
 
+/// How long to wait, then how long to sample (once a second).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sampling {
+    pub seconds: u64,
+    pub settle: u64,
+}
+
 struct Params {
     seconds: u64,
     settle: u64,
     probe_seconds: u64,
     hivemind_handlers: Option<u64>,
+}
+
+impl Params {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            seconds: self.seconds,
+            settle: self.settle,
+        }
+    }
 }
 
 fn parse(args: &[String]) -> Result<Params> {
@@ -115,13 +131,13 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// What one process (or process tree) used over the window.
 #[derive(Debug, Default)]
-struct Footprint {
+pub(crate) struct Footprint {
     label: String,
-    cpu_pct: f64,
-    rss_mean_mb: f64,
-    rss_max_mb: f64,
-    pss_end_mb: Option<f64>,
-    procs: usize,
+    pub cpu_pct: f64,
+    pub rss_mean_mb: f64,
+    pub rss_max_mb: f64,
+    pub pss_end_mb: Option<f64>,
+    pub procs: usize,
     threads: u64,
     /// `joined` line (node) or `ready` line (hivemind), for the table's notes.
     info: Value,
@@ -187,7 +203,7 @@ fn measure_both(
         (started.pid(node), false, "node"),
         (started.pid(publisher), false, "publisher"),
     ];
-    let mut fp = sample(&targets, p)?.into_iter();
+    let mut fp = sample(&targets, &p.sampling())?.into_iter();
     let mut node_fp = fp.next().context("no node footprint")?;
     let mut pub_fp = fp.next().context("no publisher footprint")?;
     node_fp.label = format!("`apiary node run` (joined, paused, hosting {experts} experts)");
@@ -214,7 +230,7 @@ fn measure_both(
         300,
         |v| v["event"] == "ready",
     )?;
-    let mut hm = sample(&[(started.pid(server), true, "hivemind")], p)?
+    let mut hm = sample(&[(started.pid(server), true, "hivemind")], &p.sampling())?
         .pop()
         .context("no hivemind footprint")?;
     hm.label = format!(
@@ -452,7 +468,7 @@ fn clock_ticks_per_s() -> f64 {
 }
 
 /// Waits `--settle` s, then samples each `(pid, whole tree?, name)` once a second for `--seconds` s.
-fn sample(targets: &[(u32, bool, &str)], p: &Params) -> Result<Vec<Footprint>> {
+pub(crate) fn sample(targets: &[(u32, bool, &str)], p: &Sampling) -> Result<Vec<Footprint>> {
     let names: Vec<&str> = targets.iter().map(|t| t.2).collect();
     eprintln!(
         "\n==> settle {} s, then sample {} once a second for {} s",

@@ -11,12 +11,14 @@
 //! cargo xtask bench server   expert server throughput (benchmark_throughput.py), Apiary and hivemind
 //! cargo xtask bench moe   MoE trainer steps/s at 0 and 100 ms one-way latency, Apiary and hivemind
 //! cargo xtask bench idle  idle CPU and RSS of a paused, joined `apiary node run` beside a hivemind server
+//! cargo xtask bench desktop  the desktop app's size, cold start to first paint, idle footprint
 //! ```
 //!
 //! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
 //! holds the hivemind venv; `.ci/run` points `CARGO_TARGET_DIR` there too.
 
 mod bench;
+mod bench_desktop;
 mod bench_idle;
 mod dashboard;
 mod setup;
@@ -61,7 +63,8 @@ const HELP: &str = "usage: cargo xtask <demo|test|setup|golden|bench>
   bench server     expert server throughput (benchmark_throughput.py measure): Apiary and hivemind
   bench moe        MoE trainer steps/s and samples/s of the demo's model at 0 and 100 ms one-way latency
                    (a network namespace delaying loopback): Apiary and hivemind's RemoteMixtureOfExperts
-  bench idle       idle CPU and RSS of `apiary node run` joined but paused, beside an idle hivemind server";
+  bench idle       idle CPU and RSS of `apiary node run` joined but paused, beside an idle hivemind server
+  bench desktop    the desktop app: binary size, cold start to first painted dashboard, idle footprint";
 
 /// `cargo run --release -p apiary-cli -- demo <args>`: the demo needs nothing but a Rust toolchain.
 fn demo(args: &[String]) -> Result<()> {

@@ -159,3 +159,67 @@ describe("Settings: compute on (GPU selection)", () => {
     expect(opts[2].label).toContain("GPU 2 (not found now)");
   });
 });
+
+describe("Settings: this app (desktop only)", () => {
+  beforeEach(() => document.body.replaceChildren());
+
+  const paths = { config_file: "/home/u/.config/apiary/node.toml", data_dir: "/home/u/.local/share/apiary", log_dir: "/home/u/.local/share/org.apiary.desktop/logs" };
+
+  async function desktop() {
+    const { api } = fakeApi();
+    api.paths.mockResolvedValue(paths);
+    api.autostart.mockResolvedValue(false);
+    const root = document.createElement("div");
+    document.body.replaceChildren(root);
+    mountSettings(root, { api, store: new Store(), charts: false });
+    await flush();
+    return { api, root };
+  }
+
+  it("is hidden over HTTP (no paths, no autostart, no updates there)", async () => {
+    const { root } = await setup();
+    expect(byTestId(root, "app-settings").hidden).toBe(true);
+  });
+
+  it("shows where things are kept and turns autostart on", async () => {
+    const { api, root } = await desktop();
+    expect(byTestId(root, "app-settings").hidden).toBe(false);
+    expect(byTestId(root, "path-config").textContent).toBe(paths.config_file);
+    expect(byTestId(root, "path-data").textContent).toBe(paths.data_dir);
+    expect(byTestId(root, "path-logs").textContent).toBe(paths.log_dir);
+    const box = input(root, "setting-autostart");
+    expect(box.checked).toBe(false);
+    expect(root.querySelector('label[for="setting-autostart"]')).not.toBeNull();
+    box.checked = true;
+    box.dispatchEvent(new Event("change"));
+    await flush();
+    expect(api.setAutostart).toHaveBeenCalledWith(true);
+    expect(box.checked).toBe(true);
+  });
+
+  it("checks for updates only when asked, and offers a newer one", async () => {
+    const { api, root } = await desktop();
+    expect(api.checkUpdate).not.toHaveBeenCalled();
+    byTestId(root, "check-updates").click();
+    await flush();
+    expect(byTestId(root, "update-none").textContent).toContain("up to date");
+    api.checkUpdate.mockResolvedValueOnce({ version: "9.9.9", current_version: "0.1.0", notes: "Faster.", date: null });
+    byTestId(root, "check-updates").click();
+    await flush();
+    expect(byTestId(root, "update-available").textContent).toBe("Version 9.9.9 is available (this is 0.1.0).");
+    api.installUpdate.mockRejectedValueOnce({ code: "update_failed", message: "the update was not installed: bad signature" });
+    byTestId(root, "install-update").click();
+    await flush();
+    expect(api.installUpdate).toHaveBeenCalledTimes(1);
+    expect(byTestId(root, "update-status").textContent).toContain("bad signature");
+    expect((byTestId(root, "install-update") as HTMLButtonElement).disabled).toBe(false);
+  });
+
+  it("shows a failed check", async () => {
+    const { api, root } = await desktop();
+    api.checkUpdate.mockRejectedValueOnce({ code: "update_failed", message: "update check failed: offline" });
+    byTestId(root, "check-updates").click();
+    await flush();
+    expect(byTestId(root, "update-error").textContent).toBe("update check failed: offline");
+  });
+});

@@ -166,6 +166,98 @@ function mountDevice(ctx: Ctx, alive: () => boolean): HTMLElement {
   );
 }
 
+/**
+ * The desktop app's own settings (shown when the transport has them, i.e. inside the app): start with
+ * the session, signed updates (checked only when asked), where settings, data and logs are kept.
+ */
+function mountAppSettings(ctx: Ctx, alive: () => boolean): HTMLElement {
+  const { api } = ctx;
+  const box = h("div", { class: "settings", hidden: true, "data-testid": "app-settings" });
+  const autostart = h("input", { type: "checkbox", id: "setting-autostart", "data-testid": "setting-autostart" }) as HTMLInputElement;
+  const autostartMsg = h("span", { role: "status", "aria-live": "polite", class: "muted" });
+  const check = h("button", { type: "button", "data-testid": "check-updates" }, "Check for updates");
+  const updateMsg = h("div", { role: "status", "aria-live": "polite", "data-testid": "update-status" });
+  const locations = h("dl", { class: "paths" });
+
+  autostart.addEventListener("change", async () => {
+    const want = autostart.checked;
+    autostart.disabled = true;
+    try {
+      autostart.checked = await api.setAutostart(want);
+      autostartMsg.textContent = autostart.checked ? "Apiary starts when you log in (in the tray, window closed)." : "Apiary starts when you open it.";
+    } catch (e) {
+      autostart.checked = !want;
+      autostartMsg.textContent = `Not changed: ${toApiError(e).message}`;
+    }
+    autostart.disabled = false;
+  });
+
+  const install = async (button: HTMLButtonElement, progress: HTMLElement) => {
+    button.disabled = true;
+    progress.className = "";
+    progress.removeAttribute("role");
+    progress.textContent = "Downloading and checking its signature… the app restarts when it is installed.";
+    try {
+      const installed = await api.installUpdate();
+      if (!installed) progress.textContent = "Nothing newer to install.";
+    } catch (e) {
+      progress.className = "error";
+      progress.setAttribute("role", "alert");
+      progress.textContent = toApiError(e).message;
+      button.disabled = false;
+    }
+  };
+
+  check.addEventListener("click", async () => {
+    check.disabled = true;
+    updateMsg.replaceChildren(h("p", { class: "muted" }, "Asking the update feed…"));
+    try {
+      const update = await api.checkUpdate();
+      if (!alive()) return;
+      if (!update) {
+        updateMsg.replaceChildren(h("p", { class: "ok", "data-testid": "update-none" }, "Apiary is up to date."));
+      } else {
+        const button = h("button", { type: "button", class: "primary", "data-testid": "install-update" }, "Install and restart") as HTMLButtonElement;
+        const progress = h("p", { "data-testid": "install-status" });
+        button.addEventListener("click", () => void install(button, progress));
+        updateMsg.replaceChildren(
+          h("p", { "data-testid": "update-available" }, `Version ${update.version} is available (this is ${update.current_version}).`),
+          ...(update.notes ? [h("p", { class: "muted" }, update.notes)] : []),
+          button,
+          progress,
+        );
+      }
+    } catch (e) {
+      if (!alive()) return;
+      updateMsg.replaceChildren(h("p", { class: "error", role: "alert", "data-testid": "update-error" }, toApiError(e).message));
+    }
+    check.disabled = false;
+  });
+
+  void (async () => {
+    const [paths, start] = await Promise.allSettled([api.paths(), api.autostart()]);
+    if (!alive() || paths.status !== "fulfilled" || !paths.value) return;
+    const p = paths.value;
+    const row = (label: string, id: string, value: string | null) => [h("dt", null, label), h("dd", { "data-testid": id }, h("code", null, value ?? "unknown"))];
+    replace(locations, ...row("Settings file", "path-config", p.config_file), ...row("Data folder", "path-data", p.data_dir), ...row("Log folder", "path-logs", p.log_dir));
+    if (start.status === "fulfilled" && start.value !== null) autostart.checked = start.value;
+    else autostart.disabled = true;
+    box.hidden = false;
+  })();
+
+  box.append(
+    h(
+      "fieldset",
+      null,
+      h("legend", null, "This app"),
+      h("div", { class: "field check" }, autostart, h("label", { for: "setting-autostart" }, "Start Apiary when I log in"), autostartMsg),
+      h("div", { class: "field" }, check, h("small", { class: "muted" }, "Updates are signed; nothing is checked or installed unless you ask."), updateMsg),
+      locations,
+    ),
+  );
+  return box;
+}
+
 export function mountSettings(root: HTMLElement, ctx: Ctx): () => void {
   const { api } = ctx;
   let alive = true;
@@ -382,7 +474,8 @@ export function mountSettings(root: HTMLElement, ctx: Ctx): () => void {
   };
 
   const deviceBox = mountDevice(ctx, () => alive);
-  root.append(h("section", { class: "panel", "aria-labelledby": "settings-h" }, h("h1", { id: "settings-h" }, "Settings"), deviceBox, topErr, form, savedSlot));
+  const appBox = mountAppSettings(ctx, () => alive);
+  root.append(h("section", { class: "panel", "aria-labelledby": "settings-h" }, h("h1", { id: "settings-h" }, "Settings"), deviceBox, appBox, topErr, form, savedSlot));
   void load();
   return () => {
     alive = false;

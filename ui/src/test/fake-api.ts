@@ -1,5 +1,6 @@
 import { vi } from "vitest";
 import type { Api, StreamHandlers } from "../api";
+import type { AppPaths, UpdateInfo } from "../types";
 import { fx } from "./fixtures";
 
 /** An `Api` answering fixtures; every method is a `vi.fn` to inspect or override. */
@@ -31,6 +32,9 @@ export function fakeApi() {
     // like the HTTP transport: no autostart there
     autostart: vi.fn(async (): Promise<boolean | null> => null),
     setAutostart: vi.fn(async (enabled: boolean) => enabled),
+    checkUpdate: vi.fn(async (): Promise<UpdateInfo | null> => null),
+    installUpdate: vi.fn(async () => false),
+    paths: vi.fn(async (): Promise<AppPaths | null> => null),
     subscribe: vi.fn((h: StreamHandlers) => {
       handlers.push(h);
       return () => {};
