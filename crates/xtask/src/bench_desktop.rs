@@ -148,7 +148,7 @@ fn time_to_paint(bin: &Path, home: &Path) -> Result<(f64, f64)> {
     let t0 = Instant::now();
     let mut child = launch(bin, home, &[])?;
     let stdout = child.stdout.take().context("the app's stdout")?;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(1);
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(ms) = painted_ms(&line) {
