@@ -206,6 +206,8 @@ impl ApiClient {
             .with_context(|| format!("reading the API token from {}", token_file.display()))?
             .trim()
             .to_owned();
+        // a build that unifies reqwest with the desktop app's updater has rustls without a provider
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()

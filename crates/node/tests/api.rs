@@ -51,7 +51,7 @@ struct Client {
 impl Client {
     fn new(server: &ApiServer) -> Client {
         Client {
-            http: reqwest::Client::new(),
+            http: http_client(),
             base: format!("http://{}", server.addr()),
             token: server.token().to_owned(),
         }
@@ -193,7 +193,7 @@ async fn auth_host_origin_and_limits() {
     assert!(server.addr().ip().is_loopback());
     assert_ne!(server.addr().port(), 0);
     let c = Client::new(&server);
-    let http = reqwest::Client::new();
+    let http = http_client();
 
     // 401: no token, a wrong one (header or query), another scheme
     let read = async |r: reqwest::RequestBuilder| {
@@ -351,7 +351,7 @@ async fn serves_the_dashboard_files() {
     .await
     .unwrap();
     let c = Client::new(&server);
-    let http = reqwest::Client::new();
+    let http = http_client();
     let index = http.get(c.url("/")).send().await.unwrap();
     assert_eq!(index.status(), StatusCode::OK);
     assert!(
@@ -734,7 +734,7 @@ async fn the_token_file_is_private_and_reused() {
     assert_eq!(server.token(), "let-me-in");
     let c = Client::new(&server);
     assert_eq!(c.get("/api/status").await.0, StatusCode::OK);
-    let old = reqwest::Client::new()
+    let old = http_client()
         .get(c.url("/api/status"))
         .bearer_auth(&token)
         .send()
@@ -994,4 +994,11 @@ async fn the_device_setting_is_validated_saved_and_restored() {
         server.shutdown().await;
         node.shutdown().await.unwrap();
     }
+}
+
+/// A plain HTTP client. A workspace build unifies reqwest with the desktop app's updater, which turns on
+/// rustls without a crypto provider: install ring's first (a no-op once installed or without rustls).
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

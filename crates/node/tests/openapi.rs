@@ -54,7 +54,7 @@ struct Client {
 impl Client {
     fn new(server: &ApiServer) -> Client {
         Client {
-            http: reqwest::Client::new(),
+            http: http_client(),
             base: format!("http://{}", server.addr()),
             token: server.token().to_owned(),
         }
@@ -705,4 +705,11 @@ async fn next_frame(ws: &mut Ws) -> Value {
             other => panic!("unexpected frame {other:?}"),
         }
     }
+}
+
+/// A plain HTTP client. A workspace build unifies reqwest with the desktop app's updater, which turns on
+/// rustls without a crypto provider: install ring's first (a no-op once installed or without rustls).
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
