@@ -31,7 +31,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::bench::{publish, stop};
 use crate::bench_idle::{Footprint, Sampling, sample};
-use crate::{root, step};
+use crate::step;
 
 const USAGE: &str = "usage: cargo xtask bench desktop [--launches 5] [--seconds 60] [--settle 10]";
 
@@ -76,8 +76,7 @@ fn parse(args: &[String]) -> Result<Params> {
 }
 
 fn binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    target.join("release/apiary-desktop")
+    crate::dashboard::target_dir().join("release/apiary-desktop")
 }
 
 pub fn run(args: &[String]) -> Result<()> {

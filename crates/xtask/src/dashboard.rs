@@ -72,13 +72,17 @@ pub fn test() -> Result<()> {
 
 /// A debug binary `cargo test --workspace` built.
 pub fn debug_binary(name: &str) -> PathBuf {
+    target_dir().join("debug").join(name)
+}
+
+/// `CARGO_TARGET_DIR` (relative to the repository root), or `target/`.
+pub fn target_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let target = if target.is_absolute() {
+    if target.is_absolute() {
         target
     } else {
         root().join(target)
-    };
-    target.join("debug").join(name)
+    }
 }
 
 fn check_node() -> Result<()> {
