@@ -45,6 +45,11 @@ pub async fn finish(state: State<'_, AppState>) -> Result<()> {
 }
 
 #[tauri::command]
+pub async fn cancel_start(state: State<'_, AppState>) -> Result<()> {
+    Ok(state.node.cancel_start().await?)
+}
+
+#[tauri::command]
 pub async fn snooze(state: State<'_, AppState>, seconds: f64) -> Result<()> {
     let duration = apiary_node::check_snooze(seconds).map_err(UiError::bad_request)?;
     Ok(state.node.snooze(duration).await?)

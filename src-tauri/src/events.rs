@@ -1,9 +1,9 @@
 //! The node's status and events, forwarded to the dashboard (`node://status`, `node://event`), to the
 //! tray, and, for the ones a user wants to hear about, to desktop notifications.
 
-use apiary_node::{NodeEvent, NodeHandle};
+use apiary_node::{NodeEvent, NodeHandle, NodeStatus};
 use tauri::{AppHandle, Emitter, Manager};
-use tauri_plugin_notification::NotificationExt;
+use tauri_plugin_notification::{Action, ActionType, NotificationExt};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::tray::Tray;
@@ -13,12 +13,52 @@ pub const STATUS: &str = "node://status";
 pub const EVENT: &str = "node://event";
 pub const LAGGED: &str = "node://lagged";
 
+/// The action type of the "Starting in 10 s because you are away" notification and its button.
+pub const STARTING_SOON: &str = "starting-soon";
+pub const CANCEL_START: &str = "cancel_start";
+
+/// Registers the notifications' buttons and what a click on them does: "Cancel" on "Starting in
+/// 10 s because you are away" calls the start off, a click on a notification opens the dashboard.
+fn register_actions(app: &AppHandle, node: &NodeHandle) {
+    let notifications = app.notification();
+    let types = vec![
+        ActionType::builder(STARTING_SOON)
+            .actions(vec![Action::builder(CANCEL_START, "Cancel").build()])
+            .build(),
+    ];
+    if let Err(e) = notifications.register_action_types(types) {
+        tracing::warn!("notification buttons unavailable: {e}");
+    }
+    let (app, node) = (app.clone(), node.clone());
+    let registered = notifications.on_action(move |performed| {
+        let action = performed.action_id().to_owned();
+        tracing::info!(%action, "notification action");
+        let (app, node) = (app.clone(), node.clone());
+        tauri::async_runtime::spawn(async move {
+            match action.as_str() {
+                CANCEL_START => {
+                    if let Err(e) = node.cancel_start().await {
+                        tracing::warn!("cannot cancel the start: {e}");
+                    }
+                }
+                "tap" => crate::show_window(&app, None),
+                _ => {}
+            }
+        });
+    });
+    if let Err(e) = registered {
+        tracing::warn!("notification clicks unavailable: {e}");
+    }
+}
+
 /// Forwards until the node stops.
 pub fn spawn(app: AppHandle, node: NodeHandle) {
+    register_actions(&app, &node);
     tauri::async_runtime::spawn(async move {
         let mut status = node.status();
         let mut events = node.events();
         let mut error = false;
+        let mut starting_soon = false;
         show(&app, &node, error);
         loop {
             tokio::select! {
@@ -28,6 +68,21 @@ pub fn spawn(app: AppHandle, node: NodeHandle) {
                     }
                     let now = status.borrow_and_update().clone();
                     let _ = app.emit(STATUS, &now);
+                    let soon = crate::tray::starting_soon(&now);
+                    if soon && !starting_soon {
+                        let (title, body) = starting_soon_notification(&now);
+                        let shown = app
+                            .notification()
+                            .builder()
+                            .title(title)
+                            .body(body)
+                            .action_type_id(STARTING_SOON)
+                            .show();
+                        if let Err(e) = shown {
+                            tracing::warn!("cannot show a notification: {e}");
+                        }
+                    }
+                    starting_soon = soon;
                     show(&app, &node, error);
                 }
                 event = events.recv() => match event {
@@ -72,6 +127,16 @@ pub fn notification(event: &NodeEvent) -> Option<(String, String)> {
         NodeEvent::Error { message } => Some(("Apiary: something failed".to_owned(), message.clone())),
         _ => None,
     }
+}
+
+/// "Starting in 10 s because you are away", with a Cancel button (notification servers without
+/// buttons show the text alone: the tray menu and the dashboard offer the same).
+pub fn starting_soon_notification(status: &NodeStatus) -> (String, String) {
+    (
+        status.reason.clone(),
+        "Cancel to stay paused until you are back (also \u{201c}Don't start now\u{201d} in the tray menu)."
+            .to_owned(),
+    )
 }
 
 fn capitalized(text: &str) -> String {

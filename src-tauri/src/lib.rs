@@ -85,6 +85,7 @@ pub fn run() {
             commands::pause,
             commands::resume,
             commands::finish,
+            commands::cancel_start,
             commands::snooze,
             commands::set_mode,
             commands::policy,

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use apiary_node::{Mode, NodeStatus, RunState};
+use apiary_node::{Mode, NodeStatus, PauseCause, RunState};
 use tauri::image::Image;
 use tauri::menu::{CheckMenuItem, Menu, MenuItem, PredefinedMenuItem, Submenu};
 use tauri::tray::{TrayIcon, TrayIconBuilder};
@@ -39,7 +39,10 @@ pub enum Look {
 #[allow(missing_debug_implementations)] // Tauri's menu handles implement no Debug
 pub struct Tray {
     icon: TrayIcon<Wry>,
+    menu: Menu<Wry>,
     status: MenuItem<Wry>,
+    /// "Don't start now": in the menu only while a start because you are away is due.
+    cancel_start: MenuItem<Wry>,
     modes: Vec<(Mode, CheckMenuItem<Wry>)>,
     experiments: Submenu<Wry>,
     shown: Mutex<Shown>,
@@ -52,11 +55,13 @@ struct Shown {
     look: Option<Look>,
     joined: Vec<String>,
     mode: Option<Mode>,
+    cancel_start: bool,
 }
 
 /// Builds the tray with its menu; menu events run [`act`].
 pub fn build(app: &AppHandle) -> tauri::Result<Tray> {
     let status = MenuItem::with_id(app, "status", "Starting…", false, None::<&str>)?;
+    let cancel_start = MenuItem::with_id(app, "cancel_start", "Don't start now", true, None::<&str>)?;
     let pause = Submenu::with_items(
         app,
         "Pause",
@@ -130,7 +135,9 @@ pub fn build(app: &AppHandle) -> tauri::Result<Tray> {
         .build(app)?;
     Ok(Tray {
         icon,
+        menu,
         status,
+        cancel_start,
         modes,
         experiments,
         shown: Mutex::new(Shown::default()),
@@ -168,6 +175,15 @@ impl Tray {
                 let _ = item.set_checked(*m == mode);
             }
             shown.mode = Some(mode);
+        }
+        let due = starting_soon(status);
+        if due != shown.cancel_start {
+            let _ = if due {
+                self.menu.insert(&self.cancel_start, 1)
+            } else {
+                self.menu.remove(&self.cancel_start)
+            };
+            shown.cancel_start = due;
         }
         let joined: Vec<String> = status.experiments.iter().map(|e| e.id.clone()).collect();
         if joined != shown.joined {
@@ -213,9 +229,17 @@ pub fn look(state: RunState, error: bool) -> Look {
     }
 }
 
+/// Whether a start because you are away is due (it can be called off: "Don't start now").
+pub fn starting_soon(status: &NodeStatus) -> bool {
+    status.directive.pause_cause() == Some(PauseCause::StartingSoon)
+}
+
 /// The tray's status line: "Hosting 3 experts · GPU 62 % · 71 °C", "Paused: you are using the PC ·
-/// resumes in 12 min".
+/// resumes in 12 min", "Starting in 10 s because you are away".
 pub fn status_line(status: &NodeStatus, now: f64) -> String {
+    if starting_soon(status) {
+        return status.reason.clone();
+    }
     let experts: usize = status.experiments.iter().map(|e| e.uids.len()).sum();
     let mut parts = Vec::new();
     match status.state {
@@ -305,6 +329,7 @@ pub async fn act(app: &AppHandle, id: &str) -> Result<(), UiError> {
         "pause" => node.pause().await?,
         "finish" => node.finish().await?,
         "resume" => node.resume().await?,
+        "cancel_start" => node.cancel_start().await?,
         "open" => crate::show_window(app, None),
         "browse" => crate::show_window(app, Some("#/experiments")),
         "quit" => crate::quit(app).await,
@@ -424,5 +449,13 @@ mod status_line_tests {
             status_line(&status(RunState::Draining, draining, 3), 0.0),
             "Finishing: finishing, then pausing"
         );
+        let soon = Directive::Paused {
+            cause: PauseCause::StartingSoon,
+            reason: "Starting in 10 s because you are away".into(),
+            until: Some(1010.0),
+        };
+        let s = status(RunState::Paused, soon, 3);
+        assert!(super::starting_soon(&s));
+        assert_eq!(status_line(&s, 1000.0), "Starting in 10 s because you are away");
     }
 }

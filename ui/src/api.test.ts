@@ -33,6 +33,7 @@ describe("HttpApi requests", () => {
     await api.pause();
     await api.resume();
     await api.finish();
+    await api.cancelStart();
     await api.snooze(900);
     await api.setMode("quiet");
     await api.setPolicy(fx.policy());
@@ -51,6 +52,7 @@ describe("HttpApi requests", () => {
       "POST /api/pause",
       "POST /api/resume",
       "POST /api/finish",
+      "POST /api/cancel-start",
       'POST /api/snooze {"seconds":900}',
       'PUT /api/mode {"mode":"quiet"}',
       `PUT /api/policy ${JSON.stringify(fx.policy())}`,

@@ -84,6 +84,8 @@ export interface Api {
   pause(): Promise<Ok>;
   resume(): Promise<Ok>;
   finish(): Promise<Ok>;
+  /** Cancels a start that is due because you are away (cause `starting_soon`). */
+  cancelStart(): Promise<Ok>;
   snooze(seconds: number): Promise<Ok>;
   setMode(mode: Mode): Promise<Ok>;
   policy(): Promise<PolicyConfig>;
@@ -303,6 +305,9 @@ export class HttpApi implements Api {
   finish() {
     return this.json<Ok>("POST", "/api/finish");
   }
+  cancelStart() {
+    return this.json<Ok>("POST", "/api/cancel-start");
+  }
   snooze(seconds: number) {
     return this.json<Ok>("POST", "/api/snooze", { seconds });
   }
@@ -478,6 +483,9 @@ export class IpcApi implements Api {
   }
   finish() {
     return this.call<Ok>("finish");
+  }
+  cancelStart() {
+    return this.call<Ok>("cancel_start");
   }
   snooze(seconds: number) {
     return this.call<Ok>("snooze", { seconds });

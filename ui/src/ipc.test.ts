@@ -41,6 +41,7 @@ describe("Tauri IPC transport", () => {
     await api.pause();
     await api.resume();
     await api.finish();
+    await api.cancelStart();
     await api.snooze(3600);
     await api.setMode("max");
     await api.policy();
@@ -59,6 +60,7 @@ describe("Tauri IPC transport", () => {
       ["pause", undefined],
       ["resume", undefined],
       ["finish", undefined],
+      ["cancel_start", undefined],
       ["snooze", { seconds: 3600 }],
       ["set_mode", { mode: "max" }],
       ["policy", undefined],

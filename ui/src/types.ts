@@ -20,7 +20,9 @@ export type PauseCause =
   | "other_gpu_use"
   | "on_battery"
   | "low_battery"
-  | "schedule";
+  | "schedule"
+  | "starting_soon"
+  | "start_cancelled";
 
 export type Directive =
   | { kind: "run"; level: number; reason: string; until: number | null }
@@ -190,6 +192,7 @@ export interface PolicyConfig {
   temperature_target_c: number;
   cooldown_s: number;
   finish_timeout_s: number;
+  away_start_delay_s: number;
   schedule: Schedule | null;
 }
 

@@ -98,6 +98,8 @@ pub enum Command {
     ResumeAuto,
     /// Finish in-flight work, then pause.
     FinishThenPause,
+    /// Cancel a start that is due because you are away ([`Policy::cancel_away_start`]).
+    CancelAwayStart,
     /// Change the mode.
     SetMode(Mode),
     /// Replace the settings.
@@ -225,6 +227,12 @@ impl GovernorHandle {
         self.send(Command::FinishThenPause)
     }
 
+    /// Cancels a start that is due because you are away: work waits until you are back and away
+    /// again ([`Policy::cancel_away_start`]; nothing happens when no such start is due).
+    pub fn cancel_away_start(&self) -> Result<(), GovernorError> {
+        self.send(Command::CancelAwayStart)
+    }
+
     /// Changes the mode.
     pub fn set_mode(&self, mode: Mode) -> Result<(), GovernorError> {
         self.send(Command::SetMode(mode))
@@ -291,6 +299,11 @@ impl Worker {
             Command::ResumeManual { until } => self.policy.resume_manual(until),
             Command::ResumeAuto => self.policy.resume_auto(),
             Command::FinishThenPause => self.policy.finish_then_pause(now),
+            Command::CancelAwayStart => {
+                if !self.policy.cancel_away_start() {
+                    tracing::info!("no start is due because you are away: nothing to cancel");
+                }
+            }
             Command::SetMode(m) => self.policy.set_mode(m),
             Command::SetConfig(c) => self.policy.set_config(*c),
             Command::SetGpu(g) => self.policy.set_gpu(g),

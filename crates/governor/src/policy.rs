@@ -31,7 +31,12 @@
 //!    the mode's in-use level is 0 the manual run uses `manual_in_use_level`. A manual start with
 //!    an `until` returns to automatic control then; [`Policy::resume_auto`] returns at once.
 //!    - outside the `schedule` → `Paused` until the next window;
-//!    - the mode's level for "in use" or "away" (see [`Mode`]); a level of 0 → `Paused`.
+//!    - the mode's level for "in use" or "away" (see [`Mode`]); a level of 0 → `Paused`;
+//!    - where the in-use level is 0 (work waits while you use the PC), finding you away starts
+//!      work only after `away_start_delay_s` (default 10 s): meanwhile `Paused`
+//!      ([`PauseCause::StartingSoon`], "Starting in 10 s because you are away", `until` = the
+//!      start), so the app can offer Cancel ([`Policy::cancel_away_start`]); a cancelled start
+//!      stays `Paused` ([`PauseCause::StartCancelled`]) until you are back and away again.
 //! 5. **Temperature**: a PI controller (below) limits the duty; if the limit is under the level
 //!    → `Pace`, otherwise `Run`.
 //!
@@ -134,6 +139,10 @@ pub struct PolicyConfig {
     pub finish_timeout_s: f64,
     /// When automatic work may run; `None` = always. Default `None`.
     pub schedule: Option<Schedule>,
+    /// Seconds between finding you away and starting work that waits while you use the PC (the
+    /// mode's in-use level is 0): the app says "Starting in 10 s because you are away" and offers
+    /// Cancel. 0 starts at once. Default 10.
+    pub away_start_delay_s: f64,
 }
 
 impl Default for PolicyConfig {
@@ -154,6 +163,7 @@ impl Default for PolicyConfig {
             cooldown_s: 30.0,
             finish_timeout_s: 300.0,
             schedule: None,
+            away_start_delay_s: 10.0,
         }
     }
 }
@@ -237,6 +247,10 @@ pub enum PauseCause {
     LowBattery,
     /// Outside the schedule.
     Schedule,
+    /// You are away: work waiting while you use the PC starts at `until` unless you cancel.
+    StartingSoon,
+    /// You cancelled a start because you were away: waits until you are back, then away again.
+    StartCancelled,
 }
 
 /// What the engine should do now (see the module docs for each variant's contract).
@@ -378,6 +392,11 @@ pub struct Policy {
     /// The GPU the experts compute on (NVML index): the GPU rules look at it alone. `None`: at
     /// every GPU.
     gpu: Option<u32>,
+    /// Since when you have been away, while that matters for starting work (see
+    /// [`PolicyConfig::away_start_delay_s`]); `None` while you are not.
+    away_since: Option<f64>,
+    /// You cancelled the start of this time away.
+    away_start_cancelled: bool,
 }
 
 enum Presence {
@@ -403,6 +422,8 @@ impl Policy {
             fullscreen_seen: None,
             other_gpu_seen: None,
             gpu: None,
+            away_since: None,
+            away_start_cancelled: false,
         }
     }
 
@@ -485,6 +506,17 @@ impl Policy {
         ) {
             self.state.control = Control::Finishing { since: now };
         }
+    }
+
+    /// Cancels a start that is due because you are away (the [`PauseCause::StartingSoon`] pause), or
+    /// stops work that such a start began: work then waits until you are back and away again.
+    /// Returns whether there was such a start; does nothing otherwise.
+    pub fn cancel_away_start(&mut self) -> bool {
+        let pending = self.away_since.is_some() && !self.away_start_cancelled;
+        if pending {
+            self.away_start_cancelled = true;
+        }
+        pending
     }
 
     /// The temperature controller's current duty limit (0..=1).
@@ -664,7 +696,29 @@ impl Policy {
         }
         let (in_use_level, away_level) = cfg.levels();
         let mode = cfg.mode.label();
-        let (mut level, mut reason) = match self.presence(&sample.activity) {
+        let presence = self.presence(&sample.activity);
+        // 4a. A start because you are away waits `away_start_delay_s`, and you may cancel it.
+        match presence {
+            Presence::Away(why) if manual.is_none() && in_use_level <= 0.0 && away_level > 0.0 => {
+                let since = *self.away_since.get_or_insert(now);
+                if self.away_start_cancelled {
+                    let reason =
+                        format!("{mode}: you cancelled the start; waits until you are back and away again");
+                    return paused(PauseCause::StartCancelled, reason, None);
+                }
+                let delay = cfg.away_start_delay_s.max(0.0);
+                if now - since < delay {
+                    let reason = format!("Starting in {delay:.0} s because {why}");
+                    return paused(PauseCause::StartingSoon, reason, Some(since + delay));
+                }
+            }
+            Presence::Away(_) => {}
+            Presence::InUse(_) | Presence::Unknown(_) => {
+                self.away_since = None;
+                self.away_start_cancelled = false;
+            }
+        }
+        let (mut level, mut reason) = match presence {
             Presence::Away(why) => (away_level, format!("{mode}: {why}")),
             Presence::InUse(why) => (in_use_level, format!("{mode}: {why}")),
             Presence::Unknown(why) if cfg.mode == Mode::OnlyWhenAway && manual.is_none() => {

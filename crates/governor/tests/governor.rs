@@ -58,6 +58,7 @@ async fn activity_reaches_the_watch_channel_within_250_ms() {
     let seen = script.seen();
     let config = PolicyConfig {
         mode: Mode::OnlyWhenAway,
+        away_start_delay_s: 0.0,
         ..PolicyConfig::default()
     };
     let handle = Governor::spawn(config, probes(Box::new(script)), Duration::from_millis(100)).unwrap();

@@ -41,7 +41,17 @@ fn sample(idle_s: f64) -> Sample {
 const IN_USE: f64 = 5.0;
 const AWAY: f64 = 600.0;
 
+/// A policy whose away starts begin at once (the rule tables below; the delay has its own test).
 fn policy(mode: Mode) -> Policy {
+    Policy::new(PolicyConfig {
+        mode,
+        away_start_delay_s: 0.0,
+        ..PolicyConfig::default()
+    })
+}
+
+/// A policy with the default settings of `mode`.
+fn defaults(mode: Mode) -> Policy {
     Policy::new(PolicyConfig {
         mode,
         ..PolicyConfig::default()
@@ -553,4 +563,63 @@ fn a_selected_gpu_is_the_only_one_the_gpu_rules_watch() {
         p.tick(&s, T + 32.0),
         Directive::Run { .. } | Directive::Pace { .. }
     ));
+}
+
+#[test]
+fn an_away_start_waits_its_delay_and_can_be_cancelled() {
+    let mut p = defaults(Mode::OnlyWhenAway);
+    assert_eq!(p.config().away_start_delay_s, 10.0);
+    assert_eq!(cause(&p.tick(&sample(IN_USE), T)), PauseCause::InUse);
+    assert!(!p.cancel_away_start(), "nothing to cancel while you use the PC");
+    // Away: the start is announced with its time, and does not begin before it.
+    let d = p.tick(&sample(AWAY), T + 1.0);
+    assert_eq!(cause(&d), PauseCause::StartingSoon);
+    assert_eq!(d.reason(), "Starting in 10 s because you are away");
+    assert_eq!(d.until(), Some(T + 11.0));
+    assert_eq!(
+        p.tick(&sample(AWAY), T + 10.9),
+        d,
+        "the same directive while it waits"
+    );
+    assert_eq!(level(&p.tick(&sample(AWAY), T + 11.0)), 1.0);
+    // Back at the PC: paused again; away again: a new delay.
+    assert_eq!(cause(&p.tick(&sample(IN_USE), T + 20.0)), PauseCause::InUse);
+    let d = p.tick(&sample(AWAY), T + 30.0);
+    assert_eq!((cause(&d), d.until()), (PauseCause::StartingSoon, Some(T + 40.0)));
+    // Cancel: stays paused for the rest of this time away, however long.
+    assert!(p.cancel_away_start());
+    assert!(!p.cancel_away_start(), "already cancelled");
+    let d = p.tick(&sample(AWAY), T + 31.0);
+    assert_eq!(cause(&d), PauseCause::StartCancelled);
+    assert!(d.reason().contains("cancelled"), "{d:?}");
+    assert_eq!(
+        cause(&p.tick(&sample(AWAY), T + 3600.0)),
+        PauseCause::StartCancelled
+    );
+    // The next time away starts after the delay again.
+    assert_eq!(cause(&p.tick(&sample(IN_USE), T + 3601.0)), PauseCause::InUse);
+    assert_eq!(
+        cause(&p.tick(&sample(AWAY), T + 3700.0)),
+        PauseCause::StartingSoon
+    );
+    assert!(p.tick(&sample(AWAY), T + 3710.0).is_run());
+    // Cancelling work an away start began stops it too.
+    assert!(p.cancel_away_start());
+    assert_eq!(
+        cause(&p.tick(&sample(AWAY), T + 3711.0)),
+        PauseCause::StartCancelled
+    );
+    // A locked screen counts as away.
+    let mut locked = sample(IN_USE);
+    locked.activity.locked = Reading::Known(true);
+    let mut q = defaults(Mode::OnlyWhenAway);
+    let d = q.tick(&locked, T);
+    assert_eq!(d.reason(), "Starting in 10 s because the screen is locked");
+    // Where work runs while you use the PC, being away only raises the level: no delay.
+    assert_eq!(level(&defaults(Mode::Balanced).tick(&sample(AWAY), T)), 1.0);
+    // A delay of 0 starts at once; a manual start never waits.
+    assert_eq!(level(&policy(Mode::OnlyWhenAway).tick(&sample(AWAY), T)), 1.0);
+    let mut manual = defaults(Mode::OnlyWhenAway);
+    manual.resume_manual(None);
+    assert_eq!(level(&manual.tick(&sample(AWAY), T)), 1.0);
 }

@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | GET | `/api/status` | | [`NodeStatus`] |
 //! | GET | `/api/events` | WebSocket | the status, then `{"type":"status", ...}` / `{"type":"event", ...}` / `{"type":"lagged","missed":n}` text frames |
-//! | POST | `/api/pause`, `/api/resume`, `/api/finish` | | `{"ok":true}` |
+//! | POST | `/api/pause`, `/api/resume`, `/api/finish`, `/api/cancel-start` | | `{"ok":true}` |
 //! | POST | `/api/snooze` | `{"seconds": s}` | `{"ok":true}` |
 //! | PUT | `/api/mode` | `{"mode": "quiet" \| "balanced" \| "max" \| "only_when_away"}` | `{"ok":true}` |
 //! | GET / PUT | `/api/policy` | [`PolicyConfig`] (missing fields: defaults) | the policy in effect |
@@ -329,6 +329,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/pause", post(pause))
         .route("/api/resume", post(resume))
         .route("/api/finish", post(finish))
+        .route("/api/cancel-start", post(cancel_start))
         .route("/api/snooze", post(snooze))
         .route("/api/mode", axum::routing::put(set_mode))
         .route("/api/policy", get(policy).put(set_policy))
@@ -610,6 +611,11 @@ async fn resume(State(state): Shared) -> ApiResult {
 
 async fn finish(State(state): Shared) -> ApiResult {
     state.node.finish().await?;
+    ok()
+}
+
+async fn cancel_start(State(state): Shared) -> ApiResult {
+    state.node.cancel_start().await?;
     ok()
 }
 

@@ -348,6 +348,7 @@ pub fn check_policy(policy: &apiary_governor::PolicyConfig) -> Result<(), String
         ("min_battery_percent", policy.min_battery_percent),
         ("cooldown_s", policy.cooldown_s),
         ("finish_timeout_s", policy.finish_timeout_s),
+        ("away_start_delay_s", policy.away_start_delay_s),
     ];
     if let Some((name, v)) = numbers.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
         return Err(format!("`{name}` must be a number ≥ 0, not {v}"));

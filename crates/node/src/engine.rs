@@ -57,6 +57,7 @@ pub(crate) enum GovernorCommand {
     Snooze(f64),
     Resume,
     Finish,
+    CancelAwayStart,
     SetMode(Mode),
     SetPolicy(Box<PolicyConfig>),
     SetDevice(DeviceChoice),
@@ -385,6 +386,7 @@ impl Engine {
             GovernorCommand::Snooze(until) => g.snooze(until)?,
             GovernorCommand::Resume => g.resume_manual(None)?,
             GovernorCommand::Finish => g.finish_then_pause()?,
+            GovernorCommand::CancelAwayStart => g.cancel_away_start()?,
             GovernorCommand::SetMode(mode) => {
                 g.set_mode(mode)?;
                 self.config.send_modify(|c| c.policy.mode = mode);

@@ -528,6 +528,13 @@ impl NodeHandle {
         self.governor(GovernorCommand::Finish).await
     }
 
+    /// Cancels a start that is due because you are away (the status shows the `starting_soon`
+    /// pause, "Starting in 10 s because you are away"), or stops work such a start began: work then
+    /// waits until you are back at the PC and away again. Nothing happens when no such start is due.
+    pub async fn cancel_start(&self) -> Result<(), NodeError> {
+        self.governor(GovernorCommand::CancelAwayStart).await
+    }
+
     /// Changes the mode (also the memory budget of later joins), written back to the config file.
     pub async fn set_mode(&self, mode: Mode) -> Result<(), NodeError> {
         self.governor(GovernorCommand::SetMode(mode)).await

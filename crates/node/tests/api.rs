@@ -573,6 +573,81 @@ async fn status_controls_and_the_event_stream() {
     node.shutdown().await.unwrap();
 }
 
+/// Only when away: finding the user away announces the start (`starting_soon`, with its time), and
+/// `POST /api/cancel-start` calls it off until the user is back and away again; a negative delay is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_away_start_is_announced_and_can_be_cancelled() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let user = User::default();
+    user.0.store(true, Ordering::SeqCst);
+    let mut config = lone_config(dir.path());
+    config.policy = PolicyConfig {
+        mode: Mode::OnlyWhenAway,
+        away_start_delay_s: 3.0,
+        ..PolicyConfig::default()
+    };
+    let node = Node::spawn(config, probes(&user)).await.unwrap();
+    let server = api::serve(node.clone(), local_api()).await.unwrap();
+    let c = Client::new(&server);
+    let cause = async |want: &str| {
+        wait_for(&format!("the pause cause {want}"), PATIENCE, async || {
+            let s = c.get("/api/status").await.1;
+            if s["directive"]["cause"] == want {
+                Ok(s)
+            } else {
+                Err(s["directive"].to_string())
+            }
+        })
+        .await
+    };
+    cause("in_use").await;
+    assert_error(
+        &c.put(
+            "/api/policy",
+            json!({ "mode": "only_when_away", "away_start_delay_s": -1 }),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
+    // away: announced with its time, then cancelled: still paused after the delay
+    user.0.store(false, Ordering::SeqCst);
+    let s = cause("starting_soon").await;
+    assert_eq!(s["state"], "paused");
+    assert_eq!(s["reason"], "Starting in 3 s because you are away");
+    let until = s["until"].as_f64().unwrap();
+    assert!((until - (unix_now() as f64 + 3.0)).abs() < 2.0, "{s}");
+    let (code, body) = c.post("/api/cancel-start", None).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let s = cause("start_cancelled").await;
+    assert!(s["reason"].as_str().unwrap().contains("cancelled"), "{s}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        c.get("/api/status").await.1["directive"]["cause"],
+        "start_cancelled"
+    );
+    // a cancel with nothing due changes nothing
+    assert_eq!(c.post("/api/cancel-start", None).await.0, StatusCode::OK);
+
+    // back, then away again: announced again, and this time it starts
+    user.0.store(true, Ordering::SeqCst);
+    cause("in_use").await;
+    user.0.store(false, Ordering::SeqCst);
+    cause("starting_soon").await;
+    wait_state(&node, RunState::Running).await;
+    assert!(
+        c.get("/api/status").await.1["reason"]
+            .as_str()
+            .unwrap()
+            .contains("you are away")
+    );
+    server.shutdown().await;
+    node.shutdown().await.unwrap();
+}
+
 /// The catalog (the bundled demo), unknown ids, and the ledger's reports in JSON and CSV; a
 /// stopped node is 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

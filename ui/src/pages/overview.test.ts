@@ -77,6 +77,29 @@ describe("Overview", () => {
     expect(byTestId(root, "state").textContent).toBe("running");
   });
 
+  it("offers to call off a start because you are away, and only then", async () => {
+    const { api, store, root } = setup();
+    store.setStatus(fx.status());
+    expect(byTestId(root, "cancel-start-button").hidden).toBe(true);
+    const s = fx.status();
+    s.state = "paused";
+    s.reason = "Starting in 10 s because you are away";
+    s.until = store.now() + 10;
+    s.directive = { kind: "paused", cause: "starting_soon", reason: s.reason, until: s.until };
+    store.setStatus(s);
+    expect(byTestId(root, "reason").textContent).toBe("Starting in 10 s because you are away");
+    const cancel = byTestId(root, "cancel-start-button");
+    expect(cancel.hidden).toBe(false);
+    expect(byTestId(root, "resume-button").hidden).toBe(false);
+    cancel.click();
+    await flush();
+    expect(api.cancelStart).toHaveBeenCalledOnce();
+    // another pause (by you) offers no such button
+    s.directive = { kind: "paused", cause: "user", reason: "Paused by you", until: null };
+    store.setStatus(s);
+    expect(byTestId(root, "cancel-start-button").hidden).toBe(true);
+  });
+
   it("pauses, snoozes and sets the mode", async () => {
     const { api, store, root } = setup();
     store.setStatus(fx.status());

@@ -130,6 +130,18 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
     { class: "big primary", "data-testid": "resume-button", hidden: true, onclick: act(() => api.resume()) },
     "Resume",
   );
+  // "Starting in 10 s because you are away": the one moment a start can be called off
+  const cancelStartBtn = h(
+    "button",
+    {
+      class: "big",
+      "data-testid": "cancel-start-button",
+      hidden: true,
+      title: "Stay paused until you are back at the PC and away again",
+      onclick: act(() => api.cancelStart()),
+    },
+    "Don't start now",
+  );
   const finishBtn = h(
     "button",
     { "data-testid": "finish-button", title: "Finish the work in flight, then pause", onclick: act(() => api.finish()) },
@@ -278,6 +290,7 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
         "div",
         { class: "controls" },
         pauseBtn,
+        cancelStartBtn,
         resumeBtn,
         finishBtn,
         snoozeMenu,
@@ -320,6 +333,7 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
     const stopped = s.state === "paused" || s.state === "draining";
     pauseBtn.hidden = stopped;
     resumeBtn.hidden = !stopped;
+    cancelStartBtn.hidden = !(s.directive.kind === "paused" && s.directive.cause === "starting_soon");
     finishBtn.hidden = stopped;
     // follow a mode changed elsewhere (the tray, `apiary node mode`), unless the user is choosing one
     if (s.mode && document.activeElement !== modeSel && modeSel.value !== s.mode) modeSel.value = s.mode;

@@ -31,6 +31,7 @@ export const NUMBER_FIELDS: NumField[] = [
   { key: "temperature_target_c", label: "GPU temperature target", unit: "°C", help: "The hottest GPU is held at this temperature (40 to 95 °C).", min: 40, max: 95, step: "1" },
   { key: "cooldown_s", label: "Wait after a fullscreen or GPU pause", unit: "s", help: "How long such a pause lasts after the condition clears.", min: 0, step: "1" },
   { key: "finish_timeout_s", label: "Longest “finish, then pause”", unit: "s", help: "", min: 0, step: "1" },
+  { key: "away_start_delay_s", label: "Notice before starting because you are away", unit: "s", help: "Where work waits while you use the PC: time to cancel a start (0 = start at once).", min: 0, step: "1" },
 ];
 
 export const BOOL_FIELDS: { key: keyof PolicyConfig; label: string }[] = [

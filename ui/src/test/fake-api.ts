@@ -12,6 +12,7 @@ export function fakeApi() {
     pause: vi.fn(async () => ({ ok: true as const })),
     resume: vi.fn(async () => ({ ok: true as const })),
     finish: vi.fn(async () => ({ ok: true as const })),
+    cancelStart: vi.fn(async () => ({ ok: true as const })),
     snooze: vi.fn(async (_s: number) => ({ ok: true as const })),
     setMode: vi.fn(async () => ({ ok: true as const })),
     policy: vi.fn(async () => fx.policy()),
