@@ -7,6 +7,7 @@
 //! the dashboard is opened again); Quit leaves the experiments cleanly (in-flight work
 //! drained, declarations withdrawn, checkpoints saved) before exiting. A second launch shows the first
 //! instance's window. `--minimized` (the autostart entry) starts without showing the window.
+//! SIGTERM and SIGINT (the session ending, `kill`, a package upgrade) quit the same clean way.
 
 pub mod commands;
 pub mod error;
@@ -62,6 +63,7 @@ pub fn run() {
             let tray = tray::build(&handle)?;
             app.manage(tray);
             events::spawn(handle.clone(), node.clone());
+            quit_on_signals(handle.clone());
             tauri::async_runtime::spawn(async move {
                 match apiary_node::api::serve(node, api_config()).await {
                     Ok(api) => {
@@ -200,6 +202,26 @@ pub fn show_window(app: &AppHandle, route: Option<&str>) {
         }
         Err(e) => tracing::warn!("cannot open the dashboard: {e}"),
     }
+}
+
+/// Quits cleanly ([`quit`]) on SIGTERM or SIGINT.
+fn quit_on_signals(app: AppHandle) {
+    #[cfg(unix)]
+    tauri::async_runtime::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::warn!("cannot watch SIGTERM/SIGINT: a signal ends the app without leaving cleanly");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: leaving the experiments, then quitting"),
+            _ = int.recv() => tracing::info!("SIGINT: leaving the experiments, then quitting"),
+        }
+        quit(&app).await;
+    });
+    #[cfg(not(unix))]
+    let _ = app;
 }
 
 /// Leaves the experiments cleanly, then exits.

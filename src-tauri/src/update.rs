@@ -82,17 +82,24 @@ pub async fn install(app: &AppHandle) -> Result<bool, UiError> {
         return Ok(false);
     };
     tracing::info!(version = %update.version, "downloading the update");
-    update
-        .download_and_install(|_, _| {}, || tracing::info!("update downloaded and verified"))
+    let failed = |e: tauri_plugin_updater::Error| UiError {
+        code: "update_failed",
+        message: format!("the update was not installed: {e}"),
+    };
+    // download and verify first; leave the experiments before installing, because on Windows
+    // `install` exits the process as soon as the installer has started
+    let bytes = update
+        .download(|_, _| {}, || tracing::info!("update downloaded and verified"))
         .await
-        .map_err(|e| UiError {
-            code: "update_failed",
-            message: format!("the update was not installed: {e}"),
-        })?;
+        .map_err(failed)?;
     if let Some(state) = tauri::Manager::try_state::<crate::commands::AppState>(app)
         && let Err(e) = state.node.shutdown().await
     {
-        tracing::warn!("stopping the node before restarting: {e}");
+        tracing::warn!("stopping the node before installing: {e}");
+    }
+    if let Err(e) = update.install(bytes) {
+        // the node is stopped already: restarting this version brings it back
+        tracing::warn!("the update was not installed ({e}): restarting this version");
     }
     app.restart()
 }

@@ -5,9 +5,14 @@
 // Checks: a first run starts paused and opens the wizard; the wizard's three steps complete (the
 // hardware check, joining `local-demo` with its plan shown, a mode and autostart), after which the node
 // works and hosts the experiment (seen through the app's local HTTP API), the mode and the autostart entry
-// are saved; the overview renders; a tray-menu action (through the app's `tray_action` command, as Linux
-// trays take no synthetic clicks) pauses the node; a second launch hands over to the first instance and
-// exits; the dashboard's first paint is logged; Quit from the tray leaves the experiment and exits.
+// are saved; the overview renders; in Only-when-away mode, finding the user away (Xvfb gets no input, so
+// its idle time grows) delays the start: the status says "Starting in 30 s because you are away", a
+// desktop notification with a Cancel button goes to a fake notification server on the session bus
+// (`fake-notifications`, crates/testkit), and its Cancel, invoked there as a click would be
+// (`ActionInvoked`), calls the start off; a tray-menu action (through the app's `tray_action` command,
+// as Linux trays take no synthetic clicks) pauses the node; closing the window keeps the app and its
+// node; a second launch hands over to the first instance, which opens its window again, and exits; the
+// dashboard's first paint is logged; Quit from the tray leaves the experiment and exits.
 // Screenshots land in $APIARY_E2E_ARTIFACTS/desktop.
 //
 //   xvfb-run -a -s '-screen 0 1280x900x24' dbus-run-session -- node tests/e2e/desktop.mjs
@@ -15,7 +20,9 @@
 //
 // Environment: APIARY_DESKTOP (default $CARGO_TARGET_DIR/debug/apiary-desktop, built with the
 // `custom-protocol` feature), APIARY (for the demo swarm), TAURI_DRIVER (default `tauri-driver` on the
-// PATH), WEBKIT_DRIVER (default /usr/bin/WebKitWebDriver).
+// PATH), WEBKIT_DRIVER (default /usr/bin/WebKitWebDriver), APIARY_FAKE_NOTIFICATIONS (default
+// $CARGO_TARGET_DIR/debug/fake-notifications) and APIARY_CLOSE_WINDOW (default
+// $CARGO_TARGET_DIR/debug/close-window), both `cargo build -p apiary-testkit --bins`.
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
@@ -24,12 +31,15 @@ import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import readline from 'node:readline';
 
 import { ARTIFACTS as ARTIFACTS_ROOT, Apiary, apiClient, killAll, log, poll, running, sleep, started, targetDir } from './lib.mjs';
 
 const DESKTOP = process.env.APIARY_DESKTOP ?? path.join(targetDir, 'debug/apiary-desktop');
 const TAURI_DRIVER = process.env.TAURI_DRIVER ?? 'tauri-driver';
 const WEBKIT_DRIVER = process.env.WEBKIT_DRIVER ?? '/usr/bin/WebKitWebDriver';
+const FAKE_NOTIFICATIONS = process.env.APIARY_FAKE_NOTIFICATIONS ?? path.join(targetDir, 'debug/fake-notifications');
+const CLOSE_WINDOW = process.env.APIARY_CLOSE_WINDOW ?? path.join(targetDir, 'debug/close-window');
 const ARTIFACTS = path.join(ARTIFACTS_ROOT, 'desktop');
 const EXPERIMENT = 'local-demo';
 
@@ -132,6 +142,11 @@ class WebDriver {
   }
 }
 
+/** The X screen's window tree (`xwininfo -root -tree`): names of mapped and unmapped windows. */
+function xWindows() {
+  return execFileSync('xwininfo', ['-root', '-tree'], { encoding: 'utf8', timeout: 10_000 });
+}
+
 /** A child process that is not an `apiary` one, tracked so it is killed with the rest. */
 function child(name, cmd, args, env) {
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
@@ -159,10 +174,53 @@ function child(name, cmd, args, env) {
   return entry;
 }
 
+/**
+ * The fake notification server (crates/testkit/src/bin/fake-notifications.rs) on the session bus: its
+ * JSON stdout lines are kept (`notifications` holds the `Notify` calls), `send` writes a command
+ * (`invoke ID KEY`) to its stdin.
+ */
+async function notificationServer() {
+  const proc = spawn(FAKE_NOTIFICATIONS, [], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const entry = { child: proc, lines: [], notifications: [] };
+  running.add(entry);
+  const out = fs.createWriteStream(path.join(ARTIFACTS, 'fake-notifications.log'));
+  proc.stderr.on('data', (d) => out.write(d));
+  readline.createInterface({ input: proc.stdout }).on('line', (text) => {
+    out.write(`${text}\n`);
+    try {
+      const line = JSON.parse(text);
+      entry.lines.push(line);
+      if (line.summary !== undefined) entry.notifications.push(line);
+    } catch {
+      entry.lines.push({ text });
+    }
+  });
+  entry.exited = new Promise((resolve) => proc.on('exit', (code, signal) => {
+    running.delete(entry);
+    resolve({ code, signal });
+  }));
+  entry.send = (command) => proc.stdin.write(`${command}\n`);
+  entry.stop = async () => {
+    if (!running.has(entry)) return entry.exited;
+    proc.stdin.end(); // it exits when its stdin closes
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 5_000);
+    const r = await entry.exited;
+    clearTimeout(timer);
+    return r;
+  };
+  await poll('the fake notification server to own org.freedesktop.Notifications', 10_000, async () => {
+    if (!running.has(entry)) throw new Error(`fake-notifications exited: ${JSON.stringify(await entry.exited)}`);
+    return entry.lines.some((l) => l.ready);
+  }, 100);
+  return entry;
+}
+
 async function main() {
   assert.ok(process.env.DISPLAY, 'run under Xvfb (xvfb-run -a dbus-run-session -- node tests/e2e/desktop.mjs)');
   assert.ok(process.env.DBUS_SESSION_BUS_ADDRESS, 'run inside dbus-run-session (single-instance and notifications use the session bus)');
   assert.ok(fs.existsSync(DESKTOP), `no desktop binary at ${DESKTOP}`);
+  assert.ok(fs.existsSync(FAKE_NOTIFICATIONS), `no fake notification server at ${FAKE_NOTIFICATIONS}`);
+  assert.ok(fs.existsSync(CLOSE_WINDOW), `no close-window at ${CLOSE_WINDOW}`);
   fs.rmSync(ARTIFACTS, { recursive: true, force: true });
   fs.mkdirSync(ARTIFACTS, { recursive: true });
 
@@ -216,6 +274,8 @@ async function main() {
     WEBKIT_DISABLE_DMABUF_RENDERER: '1',
     LIBGL_ALWAYS_SOFTWARE: '1',
   };
+  // the session bus's notification server, before the app shows its first notification
+  const notifications = await notificationServer();
   const port = await freePort();
   const nativePort = await freePort();
   const driver = child('tauri-driver', TAURI_DRIVER,
@@ -317,6 +377,54 @@ async function main() {
     await wd.screenshot('settings-update');
     await wd.click('nav-overview');
 
+    const logDir = path.join(xdg.XDG_DATA_HOME, 'org.apiary.desktop', 'logs');
+    const appLog = () => (fs.existsSync(logDir) ? fs.readdirSync(logDir).map((f) => fs.readFileSync(path.join(logDir, f), 'utf8')).join('') : '');
+
+    // 4c. Only when away: finding the user away starts work after a delay, announced by a notification
+    // whose Cancel calls the start off. Xvfb gets no input (WebDriver's clicks are WebKit's own events),
+    // so the X idle time grows from the server's start and the user is away once it passes 2 s.
+    const policy = await call('GET', 'api/policy');
+    await call('PUT', 'api/policy', { ...policy, mode: 'only_when_away', idle_threshold_s: 2, away_start_delay_s: 30 });
+    // the wizard's start was a manual one ("manual start wins"): a 1 s snooze hands control back to the
+    // automatic rules when it ends
+    await call('POST', 'api/snooze', { seconds: 1 });
+    const soon = await poll('the start to be due because the user is away', 15_000, async () => {
+      const s = await call('GET', 'api/status');
+      return s.directive?.cause === 'starting_soon' && s;
+    }, 200);
+    const idle = soon.telemetry?.activity?.idle_s;
+    log(`starting soon: ${soon.reason} (until in ${(soon.until - Date.now() / 1000).toFixed(1)} s; X idle ${JSON.stringify(idle)})`);
+    assert.ok(idle?.known >= 2, `the X idle time is known and past the threshold: ${JSON.stringify(idle)}`);
+    assert.equal(soon.state, 'paused');
+    assert.equal(soon.reason, 'Starting in 30 s because you are away');
+    assert.ok(soon.until > Date.now() / 1000 + 20, `until is the start, about 30 s away: ${soon.until}`);
+    const shown = await poll('the starting-soon notification at the notification server', 10_000, async () =>
+      notifications.notifications.find((n) => n.summary === soon.reason));
+    log(`notification ${shown.id}: ${JSON.stringify(shown)}`);
+    const actions = Object.fromEntries(shown.actions.flatMap((v, i, a) => (i % 2 === 0 ? [[v, a[i + 1]]] : [])));
+    assert.equal(actions.cancel_start, 'Cancel', `a Cancel button: ${JSON.stringify(shown.actions)}`);
+    assert.ok('default' in actions, 'a click on the notification is reported too (action `default`)');
+    // the dashboard offers the same while the start is due (the window is open here)
+    const cancelButton = await wd.byId('cancel-start-button', 5_000);
+    assert.equal(await wd.cmd('GET', `/element/${cancelButton}/displayed`), true, 'the overview shows "Don\'t start now"');
+    await wd.screenshot('starting-soon');
+    notifications.send(`invoke ${shown.id} cancel_start`);
+    const cancelled = await poll('the start called off through the notification\'s Cancel', 10_000, async () => {
+      const s = await call('GET', 'api/status');
+      return s.directive?.cause === 'start_cancelled' && s;
+    }, 200);
+    assert.equal(cancelled.state, 'paused');
+    assert.ok(notifications.lines.some((l) => l.invoked === shown.id && l.action === 'cancel_start'));
+    assert.match(appLog(), /notification action action=cancel_start/, 'the app heard the click on Cancel');
+    log(`cancelled from the notification: ${cancelled.reason}`);
+    // back to the wizard's settings and its manual start
+    await call('PUT', 'api/policy', policy);
+    await call('POST', 'api/resume');
+    await poll('the node to work again', 15_000, async () => {
+      const s = await call('GET', 'api/status');
+      return ['running', 'throttled'].includes(s.state) && s.mode === 'quiet';
+    });
+
     // 5. the tray's "Pause ▸ 1 hour", through the app's tray_action command
     const before = Date.now() / 1000;
     await wd.invoke('tray_action', { id: 'pause_1h' });
@@ -328,24 +436,50 @@ async function main() {
     await poll('the overview to show paused', 10_000, async () => (await wd.text('state')) === 'paused');
     await wd.screenshot('paused-from-tray');
 
-    // 6. a second launch hands over to the first instance and exits
-    const logDir = path.join(xdg.XDG_DATA_HOME, 'org.apiary.desktop', 'logs');
-    const appLog = () => (fs.existsSync(logDir) ? fs.readdirSync(logDir).map((f) => fs.readFileSync(path.join(logDir, f), 'utf8')).join('') : '');
+    // 6. closing the window keeps the app in the tray: its node runs on, its API answers. Closed the
+    // way a window manager's close button does (WM_DELETE_WINDOW; Xvfb runs no window manager):
+    // WebDriver's own "close window" ends the session with the last window, and WebKitWebDriver then
+    // kills the app.
+    const [oldHandle] = await wd.cmd('GET', '/window/handles');
+    await poll('close-window to ask the window titled Apiary to close', 10_000, async () => {
+      execFileSync(CLOSE_WINDOW, ['Apiary'], { timeout: 10_000, stdio: ['ignore', 'ignore', 'pipe'] });
+      return true;
+    }, 500);
+    await poll('the window to be gone from the X screen', 10_000, async () => !xWindows().includes('"Apiary"'), 250);
+    await sleep(1_000);
+    assert.equal((await call('GET', 'api/status')).state, 'paused', 'the node runs on without its window');
+
+    // 7. a second launch hands over to the first instance, which opens its window again, and exits
     const second = child('second-launch', DESKTOP, [], env);
     const t1 = Date.now();
-    const exited = await Promise.race([second.exited, sleep(30_000).then(() => null)]);
+    // (a cleared timer: a pending one would keep node alive for 30 s after the test)
+    let timer;
+    const exited = await Promise.race([second.exited, new Promise((resolve) => { timer = setTimeout(resolve, 30_000, null); })]);
+    clearTimeout(timer);
     assert.ok(exited, 'the second launch exits');
     assert.equal(exited.code, 0, `the second launch exits cleanly: ${JSON.stringify(exited)} ${second.output.slice(-500)}`);
     await poll('the first instance to hear of the second launch', 10_000, async () => appLog().includes('launched again'));
     log(`second launch handed over and exited in ${Date.now() - t1} ms`);
     assert.equal((await call('GET', 'api/status')).state, 'paused', 'the first instance runs on');
+    await poll('the window to be back on the X screen', 15_000, async () => xWindows().includes('"Apiary"'), 250);
+    // WebDriver attaches to the new window's browsing context
+    const handle = await poll('a new window handle', 15_000, async () => {
+      const handles = await wd.cmd('GET', '/window/handles');
+      return handles.find((h) => h !== oldHandle) ?? undefined;
+    }, 250);
+    await wd.cmd('POST', '/window', { handle });
+    const reopened = await poll('the reopened overview\'s state', 15_000, async () => (await wd.text('state')) || undefined);
+    assert.equal(reopened, 'paused');
+    await poll('the reopened dashboard to follow the node live', 15_000, async () => (await wd.text('connection')) === 'live');
+    await wd.screenshot('reopened');
+    log(`window closed and opened again (WebDriver handle ${oldHandle} → ${handle})`);
 
-    // 7. the first paint was logged (the cold-start figure)
+    // 8. the first paint was logged (the cold-start figure)
     const paint = appLog().match(/dashboard painted (\d+) ms after start/);
     assert.ok(paint, 'the dashboard reports its first paint');
     log(`first paint ${paint[1]} ms after start (debug build, under WebDriver)`);
 
-    // 8. Quit from the tray leaves the experiment and ends the app
+    // 9. Quit from the tray leaves the experiment and ends the app
     await wd.invoke('tray_action', { id: 'quit' }).catch(() => {});
     await poll('the app to exit (its API gone)', 60_000, async () => {
       try {
@@ -374,6 +508,7 @@ async function main() {
     const logDir = path.join(home, '.local/share/org.apiary.desktop/logs');
     if (fs.existsSync(logDir)) fs.cpSync(logDir, path.join(ARTIFACTS, 'app-logs'), { recursive: true });
     await wd.end();
+    await notifications.stop();
     feed.close();
     await driver.stop();
     await demo.stop();

@@ -1,6 +1,7 @@
 //! `apiary node run`: the volunteer node without a window — the same engine the desktop app embeds
 //! (`apiary-node`), with the platform's activity, GPU and power probes, until Ctrl-C.
-//! `apiary node status|pause|resume|finish|snooze|mode|log` drive a running node through its local API.
+//! `apiary node status|pause|resume|finish|cancel-start|snooze|mode|log` drive a running node through its
+//! local API.
 
 use std::path::PathBuf;
 
@@ -30,6 +31,9 @@ enum NodeCommand {
     Resume(ControlArgs),
     /// Finish the work in flight, then pause.
     Finish(ControlArgs),
+    /// Call off a start that is due because you are away ("Starting in 10 s because you are away"):
+    /// stays paused until you are back and away again.
+    CancelStart(ControlArgs),
     /// Pause for a while, e.g. `apiary node snooze 1h` (s, m, h, d; survives restarts).
     Snooze {
         /// How long: `90s`, `30m`, `1h`, `2d`, or seconds.
@@ -143,6 +147,16 @@ pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
                 "/api/finish",
                 None,
                 "finishing the work in flight, then pausing",
+                out,
+            )
+            .await
+        }
+        NodeCommand::CancelStart(at) => {
+            control(
+                &at,
+                "/api/cancel-start",
+                None,
+                "a start because you are away, if one was due, is called off until you are back",
                 out,
             )
             .await

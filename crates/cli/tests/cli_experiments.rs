@@ -835,6 +835,9 @@ fn node_run_joins_and_hosts_until_terminated() {
             .as_secs_f64();
     assert!((3500.0..3700.0).contains(&in_an_hour), "{in_an_hour}");
     node_cmd(&["snooze", "1w"]).fails_with(&["unit"]);
+    // nothing is due to start because you are away: calling it off changes nothing
+    let called_off = node_cmd(&["cancel-start"]).json();
+    assert_eq!(called_off["state"], "paused", "{called_off}");
     let resumed = node_cmd(&["resume"]).json();
     assert!(
         resumed["state"] == "running" || resumed["state"] == "throttled",

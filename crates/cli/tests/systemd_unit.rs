@@ -1,6 +1,7 @@
 //! `installers/linux/apiary-node.service`, the headless node as a systemd user service: systemd's own
-//! checker accepts it (no warning) with the real `apiary` binary in place of `%h/.local/bin/apiary`,
-//! and its command line is one `apiary` understands.
+//! checker accepts it (no warning) with the real `apiary` binary in place of `/usr/bin/apiary` (where
+//! the .deb and .rpm put it), and its command line is one `apiary` understands. (`cargo xtask test`
+//! also verifies it where the .deb installed it, beside the installed binary.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,7 +9,7 @@ use std::process::Command;
 
 const APIARY: &str = env!("CARGO_BIN_EXE_apiary");
 const UNIT: &str = include_str!("../../../installers/linux/apiary-node.service");
-const INSTALLED_AT: &str = "%h/.local/bin/apiary";
+const INSTALLED_AT: &str = "/usr/bin/apiary";
 
 #[test]
 fn the_user_unit_passes_systemd_analyze_verify() {

@@ -111,7 +111,7 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// A fresh home for one launch: settings on loopback, no peers, the wizard marked done.
-fn fresh_home(base: &Path, n: usize) -> Result<PathBuf> {
+pub(crate) fn fresh_home(base: &Path, n: usize) -> Result<PathBuf> {
     let home = base.join(format!("home-{n}"));
     let config = home.join(".config/apiary");
     let data = home.join(".local/share/apiary");
@@ -125,7 +125,7 @@ fn fresh_home(base: &Path, n: usize) -> Result<PathBuf> {
     Ok(home)
 }
 
-fn launch(bin: &Path, home: &Path, extra: &[&str]) -> Result<Child> {
+pub(crate) fn launch(bin: &Path, home: &Path, extra: &[&str]) -> Result<Child> {
     Command::new(bin)
         .args(extra)
         .env("HOME", home)

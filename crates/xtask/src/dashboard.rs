@@ -60,12 +60,15 @@ pub fn test() -> Result<()> {
     )?;
     step(
         "desktop app under Xvfb and D-Bus through tauri-driver/WebKitWebDriver: wizard, tray action, \
-         single instance, quit (tests/e2e/desktop.mjs)",
+         the away-start notification's Cancel, closing and reopening the window, single instance, quit \
+         (tests/e2e/desktop.mjs)",
         Command::new("xvfb-run")
             .args(["-a", "-s", "-screen 0 1280x900x24", "dbus-run-session", "--"])
             .args(["node", "tests/e2e/desktop.mjs"])
             .env("APIARY", debug_binary("apiary"))
             .env("APIARY_DESKTOP", debug_binary("apiary-desktop"))
+            .env("APIARY_FAKE_NOTIFICATIONS", debug_binary("fake-notifications"))
+            .env("APIARY_CLOSE_WINDOW", debug_binary("close-window"))
             .env("APIARY_E2E_ARTIFACTS", &artifacts),
     )
 }

@@ -3,7 +3,8 @@
 //! ```text
 //! cargo xtask demo     build (release) and run `apiary demo`: a local swarm trains a small language model
 //! cargo xtask test     install what is missing, then fmt check, clippy -D warnings, every test suite,
-//!                      the dashboard's Vitest suite and its end-to-end test in Chromium
+//!                      the dashboard's Vitest suite, its end-to-end tests (Chromium, the desktop app),
+//!                      and the Linux installers installed, started and removed
 //! cargo xtask setup    only install what is missing (system packages, the cached hivemind venv)
 //! cargo xtask golden   regenerate the golden vectors with real hivemind (crates/wire/tests/golden)
 //! cargo xtask bench    tensor codec benchmark, Apiary and hivemind side by side on this machine
@@ -12,6 +13,7 @@
 //! cargo xtask bench moe   MoE trainer steps/s at 0 and 100 ms one-way latency, Apiary and hivemind
 //! cargo xtask bench idle  idle CPU and RSS of a paused, joined `apiary node run` beside a hivemind server
 //! cargo xtask bench desktop  the desktop app's size, cold start to first paint, idle footprint
+//! cargo xtask bundle   the Linux installers (.deb, .rpm), see installers/README.md
 //! ```
 //!
 //! Caches live outside the clone: `$APIARY_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/apiary`)
@@ -21,6 +23,7 @@ mod bench;
 mod bench_desktop;
 mod bench_idle;
 mod dashboard;
+mod installers;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +48,10 @@ fn run() -> Result<()> {
         "setup" => setup::all().map(|_| ()),
         "golden" => golden(),
         "bench" => bench::run(&rest),
+        "bundle" => installers::run(&rest),
+        installers::SMOKE => installers::smoke_inside(&rest),
+        // the installer step of `test` alone (after a `test` built the debug binaries)
+        "test-installers" => installers::test(),
         "help" | "-h" | "--help" => {
             eprintln!("{}", HELP);
             Ok(())
@@ -64,7 +71,9 @@ const HELP: &str = "usage: cargo xtask <demo|test|setup|golden|bench>
   bench moe        MoE trainer steps/s and samples/s of the demo's model at 0 and 100 ms one-way latency
                    (a network namespace delaying loopback): Apiary and hivemind's RemoteMixtureOfExperts
   bench idle       idle CPU and RSS of `apiary node run` joined but paused, beside an idle hivemind server
-  bench desktop    the desktop app: binary size, cold start to first painted dashboard, idle footprint";
+  bench desktop    the desktop app: binary size, cold start to first painted dashboard, idle footprint
+  bundle  [--debug] [--bundles deb,rpm]  the Linux installers (.deb, .rpm: app, CLI, user unit); Windows
+          and macOS: installers/README.md";
 
 /// `cargo run --release -p apiary-cli -- demo <args>`: the demo needs nothing but a Rust toolchain.
 fn demo(args: &[String]) -> Result<()> {
@@ -156,10 +165,24 @@ fn test(extra: &[String]) -> Result<()> {
             .env("APIARY_HIVEMIND_PYTHON", &env.hivemind_python),
     )?;
     step(
-        "the desktop app's binary with the dashboard embedded (for its end-to-end test)",
-        cargo().args(["build", "-p", "apiary-desktop", "--features", "custom-protocol"]),
+        "the desktop app's binary with the dashboard embedded, the fake notification server and \
+         close-window (for its end-to-end test), and the CLI (for the installers)",
+        cargo()
+            .args([
+                "build",
+                "-p",
+                "apiary-desktop",
+                "-p",
+                "apiary-testkit",
+                "-p",
+                "apiary-cli",
+            ])
+            .args(["--features", "apiary-desktop/custom-protocol"])
+            .args(["--bin", "apiary-desktop", "--bin", "fake-notifications"])
+            .args(["--bin", "close-window", "--bin", "apiary"]),
     )?;
     dashboard::test()?;
+    installers::test()?;
     eprintln!("\nxtask: all checks passed");
     Ok(())
 }

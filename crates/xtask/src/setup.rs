@@ -77,7 +77,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 /// System packages: only what is missing, with sudo when not root.
-fn system_packages() -> Result<()> {
+pub fn system_packages() -> Result<()> {
     let mut missing: Vec<&str> = Vec::new();
     // The hivemind venv needs a Python 3 that can make venvs with pip.
     if !succeeds(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
@@ -93,6 +93,11 @@ fn system_packages() -> Result<()> {
         // the desktop app's end-to-end test: WebKitGTK's WebDriver, and the X screen's screenshots
         ("WebKitWebDriver", "webkit2gtk-driver"),
         ("import", "imagemagick"),
+        // the installer test: the .rpm's contents and a scratch-root install, the desktop entry's
+        // validator, the X window list
+        ("rpm", "rpm"),
+        ("desktop-file-validate", "desktop-file-utils"),
+        ("xwininfo", "x11-utils"),
     ] {
         if !on_path(binary) {
             missing.push(package);
