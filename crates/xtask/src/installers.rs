@@ -124,21 +124,85 @@ pub fn run(args: &[String]) -> Result<()> {
     crate::dashboard::build()?;
     build(profile)?;
     let made = bundle(profile, &formats)?;
-    let mut report = String::from("| package | size |\n|---|---|\n");
+    let mut report = String::from("| package | download | installed |\n|---|---|---|\n");
     for path in &made {
         let size = std::fs::metadata(path)?.len();
-        eprintln!("xtask: {} ({:.1} MB)", path.display(), mb(size));
+        let installed = installed_size(path)?;
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        eprintln!(
+            "xtask: {name}: {:.1} MB, {:.1} MB installed",
+            mb(size),
+            mb(installed)
+        );
         report.push_str(&format!(
-            "| `{}` | {:.1} MB |\n",
-            path.file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            mb(size)
+            "| `{name}` | {:.1} MB | {:.1} MB |\n",
+            mb(size),
+            mb(installed)
+        ));
+    }
+    // what hivemind takes on this machine: its venv (Python packages, PyTorch and its CUDA wheels, p2pd)
+    let venv = crate::setup::cache_dir().join("hivemind-venv");
+    if venv.is_dir() {
+        let bytes = tree_size(&venv);
+        eprintln!(
+            "xtask: hivemind's venv {}: {:.2} GB",
+            venv.display(),
+            bytes as f64 / 1e9
+        );
+        report.push_str(&format!(
+            "| hivemind 1.1.12's venv (`pip install hivemind`, for comparison) | — | {:.1} MB |\n",
+            mb(bytes)
         ));
     }
     if profile == Profile::Release {
         crate::bench::publish("installers.md", &report)?;
     }
     Ok(())
+}
+
+/// What a package takes once installed (bytes), as its own metadata says.
+fn installed_size(package: &Path) -> Result<u64> {
+    let (field, scale) = if package.extension().is_some_and(|x| x == "deb") {
+        // Debian's Installed-Size is in KiB
+        let field = output(
+            Command::new("dpkg-deb")
+                .arg("--field")
+                .arg(package)
+                .arg("Installed-Size"),
+        )?;
+        (field, 1024)
+    } else {
+        (
+            output(
+                Command::new("rpm")
+                    .args(["-qp", "--queryformat", "%{SIZE}"])
+                    .arg(package),
+            )?,
+            1,
+        )
+    };
+    let n: u64 = field
+        .trim()
+        .parse()
+        .with_context(|| format!("the installed size of {} is {field:?}", package.display()))?;
+    Ok(n * scale)
+}
+
+/// The bytes of the regular files under `dir` (symbolic links not followed).
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn mb(bytes: u64) -> f64 {
