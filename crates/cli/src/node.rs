@@ -139,14 +139,15 @@ pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
     match args.command {
         NodeCommand::Run(args) => run_node(*args, out).await,
         NodeCommand::Status(at) => status(&at, out).await,
-        NodeCommand::Pause(at) => control(&at, "/api/pause", None, "paused", out).await,
-        NodeCommand::Resume(at) => control(&at, "/api/resume", None, "resumed", out).await,
+        NodeCommand::Pause(at) => control(&at, "/api/pause", None, "paused", PAUSED, out).await,
+        NodeCommand::Resume(at) => control(&at, "/api/resume", None, "resumed", WORKING, out).await,
         NodeCommand::Finish(at) => {
             control(
                 &at,
                 "/api/finish",
                 None,
                 "finishing the work in flight, then pausing",
+                &["draining", "paused"],
                 out,
             )
             .await
@@ -157,6 +158,7 @@ pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
                 "/api/cancel-start",
                 None,
                 "a start because you are away, if one was due, is called off until you are back",
+                &[],
                 out,
             )
             .await
@@ -165,7 +167,7 @@ pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
             let seconds = parse_duration(&duration)?;
             let body = json!({ "seconds": seconds });
             let said = format!("snoozed for {duration}");
-            control(&at, "/api/snooze", Some(body), &said, out).await
+            control(&at, "/api/snooze", Some(body), &said, PAUSED, out).await
         }
         NodeCommand::Mode { mode, at } => {
             let mode = Mode::from(mode);
@@ -260,16 +262,43 @@ impl ApiClient {
     }
 }
 
+/// The states a pause or snooze ends in.
+const PAUSED: &[&str] = &["paused"];
+/// The states a resume ends in (unless a protection rule still holds it: then its directive changes).
+const WORKING: &[&str] = &["running", "throttled"];
+
+/// How long a command's effect may take to show in the status (the governor applies a command at its
+/// next tick, 100 ms by default; the engine then applies the directive).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends a control, then reports the status once it shows the effect: a state in `expect`, or (with
+/// no `expect`) a directive other than the one before; after [`SETTLE`] at most (a resume that a
+/// protection rule holds, a control that changes nothing), the status as it is.
 async fn control(
     at: &ControlArgs,
     path: &str,
     body: Option<serde_json::Value>,
     said: &str,
+    expect: &[&str],
     out: &Output,
 ) -> Result<()> {
     let client = ApiClient::find(at)?;
+    let before = client.send(reqwest::Method::GET, "/api/status", None).await?;
     client.send(reqwest::Method::POST, path, body).await?;
-    let status = client.send(reqwest::Method::GET, "/api/status", None).await?;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let status = loop {
+        let now = client.send(reqwest::Method::GET, "/api/status", None).await?;
+        let state = now["state"].as_str().unwrap_or_default();
+        let shown = if expect.is_empty() {
+            now["directive"] != before["directive"]
+        } else {
+            expect.contains(&state)
+        };
+        if shown || tokio::time::Instant::now() >= deadline {
+            break now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     out.event(json!({ "event": "done", "state": status["state"], "reason": status["reason"] }));
     out.say(&format!(
         "{said} — now {}: {}",

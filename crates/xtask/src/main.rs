@@ -158,6 +158,8 @@ fn test(extra: &[String]) -> Result<()> {
             .args([
                 "test",
                 "--workspace",
+                // every failing suite in one run, not only the first
+                "--no-fail-fast",
                 "--features",
                 "apiary-desktop/custom-protocol",
             ])
