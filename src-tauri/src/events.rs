@@ -6,43 +6,42 @@ use tauri::{AppHandle, Emitter, Manager};
 use tauri_plugin_notification::{Action, ActionType, NotificationExt};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::tray::Tray;
+use crate::tray::{self, Tray};
 
 /// The dashboard's event names.
 pub const STATUS: &str = "node://status";
 pub const EVENT: &str = "node://event";
 pub const LAGGED: &str = "node://lagged";
 
-/// The action type of the "Starting in 10 s because you are away" notification and its button.
+/// The action type of the "Starting in 10 s because you are away" notification.
 pub const STARTING_SOON: &str = "starting-soon";
-pub const CANCEL_START: &str = "cancel_start";
 
-/// Registers the notifications' buttons and what a click on them does: "Cancel" on "Starting in
-/// 10 s because you are away" calls the start off, a click on a notification opens the dashboard.
-fn register_actions(app: &AppHandle, node: &NodeHandle) {
+/// Registers the notifications' buttons and what a click on them does, through the tray's actions:
+/// "Cancel" on "Starting in 10 s because you are away" is the tray's "Don't start now"
+/// ([`tray::CANCEL_START`]), a click on a notification is "Open dashboard".
+fn register_actions(app: &AppHandle) {
     let notifications = app.notification();
     let types = vec![
         ActionType::builder(STARTING_SOON)
-            .actions(vec![Action::builder(CANCEL_START, "Cancel").build()])
+            .actions(vec![Action::builder(tray::CANCEL_START, "Cancel").build()])
             .build(),
     ];
     if let Err(e) = notifications.register_action_types(types) {
         tracing::warn!("notification buttons unavailable: {e}");
     }
-    let (app, node) = (app.clone(), node.clone());
+    let app = app.clone();
     let registered = notifications.on_action(move |performed| {
-        let action = performed.action_id().to_owned();
+        let action = performed.action_id();
         tracing::info!(%action, "notification action");
-        let (app, node) = (app.clone(), node.clone());
+        let tray_action = match action {
+            tray::CANCEL_START => tray::CANCEL_START,
+            "tap" => "open",
+            _ => return,
+        };
+        let app = app.clone();
         tauri::async_runtime::spawn(async move {
-            match action.as_str() {
-                CANCEL_START => {
-                    if let Err(e) = node.cancel_start().await {
-                        tracing::warn!("cannot cancel the start: {e}");
-                    }
-                }
-                "tap" => crate::show_window(&app, None),
-                _ => {}
+            if let Err(e) = tray::act(&app, tray_action).await {
+                tracing::warn!(action = tray_action, "notification action failed: {e}");
             }
         });
     });
@@ -53,7 +52,7 @@ fn register_actions(app: &AppHandle, node: &NodeHandle) {
 
 /// Forwards until the node stops.
 pub fn spawn(app: AppHandle, node: NodeHandle) {
-    register_actions(&app, &node);
+    register_actions(&app);
     tauri::async_runtime::spawn(async move {
         let mut status = node.status();
         let mut events = node.events();

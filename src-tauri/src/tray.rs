@@ -18,6 +18,10 @@ const THROTTLED: &[u8] = include_bytes!("../../assets/tray/throttled.png");
 const PAUSED: &[u8] = include_bytes!("../../assets/tray/paused.png");
 const ERROR: &[u8] = include_bytes!("../../assets/tray/error.png");
 
+/// "Don't start now": the menu id (and the notification button's action id) that calls off a start
+/// because you are away.
+pub const CANCEL_START: &str = "cancel_start";
+
 /// The modes, their menu ids and labels.
 const MODES: [(Mode, &str, &str); 4] = [
     (Mode::Quiet, "mode_quiet", "Quiet"),
@@ -61,7 +65,7 @@ struct Shown {
 /// Builds the tray with its menu; menu events run [`act`].
 pub fn build(app: &AppHandle) -> tauri::Result<Tray> {
     let status = MenuItem::with_id(app, "status", "Starting…", false, None::<&str>)?;
-    let cancel_start = MenuItem::with_id(app, "cancel_start", "Don't start now", true, None::<&str>)?;
+    let cancel_start = MenuItem::with_id(app, CANCEL_START, "Don't start now", true, None::<&str>)?;
     let pause = Submenu::with_items(
         app,
         "Pause",
@@ -329,7 +333,7 @@ pub async fn act(app: &AppHandle, id: &str) -> Result<(), UiError> {
         "pause" => node.pause().await?,
         "finish" => node.finish().await?,
         "resume" => node.resume().await?,
-        "cancel_start" => node.cancel_start().await?,
+        CANCEL_START => node.cancel_start().await?,
         "open" => crate::show_window(app, None),
         "browse" => crate::show_window(app, Some("#/experiments")),
         "quit" => crate::quit(app).await,
