@@ -417,6 +417,7 @@ mod status_line_tests {
             maddrs: Vec::new(),
             peers: 3,
             reachability: Reachability::Unknown,
+            network: apiary_node::NetworkStatus::default(),
             telemetry: None,
         }
     }

@@ -4,11 +4,13 @@ import {
   formatCompact,
   formatDuration,
   formatInt,
+  formatMs,
   formatReading,
   formatRelative,
   formatUntil,
   known,
   secondsUntilTomorrowAt,
+  shortPeerId,
   unknownWhy,
 } from "./format";
 
@@ -86,5 +88,25 @@ describe("snooze until tomorrow 08:00", () => {
     expect(secondsUntilTomorrowAt(now, 8)).toBe(11.5 * 3600);
     const early = new Date(2026, 10, 27, 1, 0, 0);
     expect(secondsUntilTomorrowAt(early, 8)).toBe(31 * 3600);
+  });
+});
+
+describe("round trips and peer ids", () => {
+  it("formats milliseconds like the other durations, and — when not measured", () => {
+    expect(formatMs(0.42)).toBe("0.4 ms");
+    expect(formatMs(3)).toBe("3 ms");
+    expect(formatMs(12.6)).toBe("13 ms");
+    expect(formatMs(999.7)).toBe("1 s");
+    expect(formatMs(1340)).toBe("1.3 s");
+    expect(formatMs(90_000)).toBe("2 min");
+    expect(formatMs(-1)).toBe("0 ms");
+    expect(formatMs(null)).toBe("—");
+    expect(formatMs(undefined)).toBe("—");
+    expect(formatMs(NaN)).toBe("—");
+  });
+
+  it("shortens a peer id to its head and tail", () => {
+    expect(shortPeerId("12D3KooWRubXbWTUiXthv48VCByNRH3NQE93UgAtZ4BHbs59Xhv9")).toBe("12D3KooW…59Xhv9");
+    expect(shortPeerId("QmShort")).toBe("QmShort");
   });
 });

@@ -21,6 +21,16 @@ export function formatDuration(seconds: number): string {
   return hRest ? `${d} d ${hRest} h` : `${d} d`;
 }
 
+/** A measured round trip or latency: "0.4 ms", "12 ms", "1.3 s"; "—" when not measured (null). */
+export function formatMs(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined || !Number.isFinite(ms)) return "—";
+  const v = Math.max(0, ms);
+  if (v < 10) return `${v.toFixed(1).replace(/\.0$/, "")} ms`;
+  if (v < 999.5) return `${Math.round(v)} ms`;
+  if (v < 60_000) return `${(v / 1000).toFixed(1).replace(/\.0$/, "")} s`;
+  return formatDuration(v / 1000);
+}
+
 /** "in 12 min" / "12 min ago". */
 export function formatRelative(targetUnixS: number, nowUnixS: number): string {
   const d = targetUnixS - nowUnixS;
@@ -124,6 +134,11 @@ export function formatTime(unixS: number, withSeconds = true): string {
 export function secondsUntilTomorrowAt(now: Date, hour = 8): number {
   const t = new Date(now.getFullYear(), now.getMonth(), now.getDate() + 1, hour, 0, 0, 0);
   return Math.max(1, Math.round((t.getTime() - now.getTime()) / 1000));
+}
+
+/** A peer id short enough for a line: "12D3KooW…59Xhv9" (the full id belongs in a `title`). */
+export function shortPeerId(id: string): string {
+  return id.length > 16 ? `${id.slice(0, 8)}…${id.slice(-6)}` : id;
 }
 
 export function formatMode(mode: string): string {

@@ -1,6 +1,6 @@
 // Checks that the fixtures (real responses) match crates/node/openapi.json.
 import { describe, expect, it } from "vitest";
-import { fx, statusWithGpu } from "./test/fixtures";
+import { fx, statusRelayed, statusWithGpu } from "./test/fixtures";
 import { doc, ref, validate } from "./test/schema";
 
 
@@ -8,6 +8,7 @@ describe("fixtures follow openapi.json", () => {
   it.each([
     ["NodeStatus", () => fx.status()],
     ["NodeStatus", () => statusWithGpu()],
+    ["NodeStatus", () => statusRelayed()],
     ["PolicyConfig", () => fx.policy()],
     ["Preview", () => fx.preview()],
     ["JoinPlan", () => fx.joinPlan()],
@@ -32,6 +33,12 @@ describe("fixtures follow openapi.json", () => {
     const errs = validate(ref("NodeStatus"), s);
     expect(errs.some((e) => e.includes("not in enum"))).toBe(true);
     expect(errs.some((e) => e.includes("unexpected property extra"))).toBe(true);
+    const n = fx.status() as unknown as { network: Record<string, unknown> };
+    n.network.path = "sideways";
+    expect(validate(ref("NodeStatus"), n).some((e) => e.includes("$.network.path"))).toBe(true);
+    const noNet = fx.status() as unknown as Record<string, unknown>;
+    delete noNet.network;
+    expect(validate(ref("NodeStatus"), noNet)).toContain("$: missing network");
     expect(validate(ref("ReadingNumber"), { known: 0 })).toEqual([]);
     expect(validate(ref("ReadingNumber"), { known: "0" }).length).toBeGreaterThan(0);
   });

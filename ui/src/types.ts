@@ -9,6 +9,9 @@ export type RunState = "running" | "throttled" | "draining" | "paused";
 export type Mode = "quiet" | "balanced" | "max" | "only_when_away";
 export const MODES: readonly Mode[] = ["quiet", "balanced", "max", "only_when_away"];
 export type Reachability = "unknown" | "public" | "private";
+/** How others reach the node now (`NetworkStatus.path`). */
+export type NetworkPath = "checking" | "direct" | "relayed" | "unreachable" | "offline";
+export const NETWORK_PATHS: readonly NetworkPath[] = ["checking", "direct", "relayed", "unreachable", "offline"];
 export type PauseCause =
   | "starting"
   | "user"
@@ -126,6 +129,35 @@ export interface Sample {
   in_flight: Reading<number>;
 }
 
+/** A relay the node holds a circuit reservation on. */
+export interface RelayStatus {
+  peer_id: string;
+  /** Round trip to it, ms; null: not measured yet. */
+  rtt_ms: number | null;
+}
+
+/** The node's network path (`NodeStatus.network`): how others reach it, why, and what it measured. */
+export interface NetworkStatus {
+  reachability: Reachability;
+  /** Whether `reachability` was set by `--force-reachability` rather than found by AutoNAT. */
+  forced: boolean;
+  path: NetworkPath;
+  /** Why, in words for people. */
+  reason: string;
+  /** To the relay when relayed, else the median ping to connected peers; null: not measured yet. */
+  rtt_ms: number | null;
+  relays: RelayStatus[];
+  /** `/…/p2p/<relay>/p2p-circuit/p2p/<this node>` */
+  relayed_addrs: string[];
+  /** Its addresses as peers see them. */
+  observed_addrs: string[];
+  /** The external address a UPnP mapping gave, or null. */
+  port_mapping: string | null;
+  connections: { direct: number; relayed: number };
+  /** Hole punching (DCUtR) since start: relayed connections made direct, failed tries. */
+  hole_punches: { succeeded: number; failed: number };
+}
+
 export interface NodeStatus {
   state: RunState;
   reason: string;
@@ -138,6 +170,7 @@ export interface NodeStatus {
   maddrs: string[];
   peers: number;
   reachability: Reachability;
+  network: NetworkStatus;
   telemetry: Sample | null;
 }
 

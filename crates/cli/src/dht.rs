@@ -7,12 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use apiary_dht::validation::CompositeValidator;
 use apiary_dht::{Dht, DhtConfig, DhtHandle, Found};
-use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol, RelayLimits};
+use apiary_node::NetworkConfig;
+use apiary_p2p::{Host, Multiaddr, P2pConfig, P2pHandle, Protocol};
 use apiary_wire::msgpack::Value;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::json::{key_string, parse, to_json};
+use crate::nat::{NatArgs, hivemind_defaults};
 use crate::output::Output;
 
 #[derive(Debug, Args)]
@@ -55,9 +57,6 @@ pub(crate) struct NodeArgs {
     /// Multiaddrs to listen on.
     #[arg(long, num_args = 1.., default_value = "/ip4/0.0.0.0/tcp/0")]
     host_maddrs: Vec<Multiaddr>,
-    /// Multiaddrs to announce instead of the listening ones (explicit ports).
-    #[arg(long, num_args = 1..)]
-    announce_maddrs: Vec<Multiaddr>,
     /// Full multiaddrs (with /p2p/<peer id>) of peers to bootstrap from.
     #[arg(long, num_args = 1..)]
     pub(crate) initial_peers: Vec<Multiaddr>,
@@ -68,18 +67,8 @@ pub(crate) struct NodeArgs {
     /// Take no incoming DHT requests and stay out of others' routing tables (for firewalled peers).
     #[arg(long)]
     pub(crate) client_mode: bool,
-    /// Dial peers through circuit relays and relay for others (libp2p circuit relay v2, client and
-    /// service), as hivemind's `use_relay`.
-    #[arg(long)]
-    use_relay: bool,
-    /// Become reachable through relays, as hivemind's `use_auto_relay`: reserve circuits on up to two
-    /// connected peers that offer relaying (found automatically), and on each --trusted-relays one.
-    /// Implies --use-relay.
-    #[arg(long)]
-    use_auto_relay: bool,
-    /// Full multiaddrs of relays to reserve circuits on with --use-auto-relay.
-    #[arg(long, num_args = 1..)]
-    trusted_relays: Vec<Multiaddr>,
+    #[command(flatten)]
+    pub(crate) nat: NatArgs,
 }
 
 pub async fn run(args: DhtArgs, out: &Output) -> Result<()> {
@@ -116,7 +105,9 @@ pub async fn run(args: DhtArgs, out: &Output) -> Result<()> {
 }
 
 async fn serve(node: NodeArgs, out: &Output) -> Result<()> {
-    let (p2p, dht) = start(&node, node.client_mode).await?;
+    // a bootstrap node relays for home PCs unless told not to
+    let network = node.nat.network(hivemind_defaults(true));
+    let (p2p, dht) = start_with(&node, node.client_mode, &network).await?;
     let maddrs = visible_maddrs(&p2p, &node).await;
     tracing::info!(peer_id = %p2p.local_peer_id(), "DHT node running; Ctrl-C to stop");
     out.ready(
@@ -134,14 +125,24 @@ async fn serve(node: NodeArgs, out: &Output) -> Result<()> {
 /// A node of the swarm: every Apiary node runs hivemind's RSA owner validator (with a key of its own), so
 /// it refuses protected records their owner did not sign and reads signed ones (the experiment catalog).
 pub(crate) async fn start(node: &NodeArgs, client_mode: bool) -> Result<(P2pHandle, DhtHandle)> {
+    start_with(node, client_mode, &node.nat.network(hivemind_defaults(false))).await
+}
+
+/// [`start`] with these network settings.
+pub(crate) async fn start_with(
+    node: &NodeArgs,
+    client_mode: bool,
+    network: &NetworkConfig,
+) -> Result<(P2pHandle, DhtHandle)> {
     let validator = apiary_catalog::swarm::validator(None).context("making the node's record key")?;
-    start_with_validator(node, client_mode, validator).await
+    start_with_validator(node, client_mode, network, validator).await
 }
 
 /// [`start`] with record validators (the catalog's RSA owner validator).
 pub(crate) async fn start_with_validator(
     node: &NodeArgs,
     client_mode: bool,
+    network: &NetworkConfig,
     validator: CompositeValidator,
 ) -> Result<(P2pHandle, DhtHandle)> {
     let keypair = match &node.identity_path {
@@ -156,30 +157,15 @@ pub(crate) async fn start_with_validator(
         }
         None => None,
     };
-    let relay = node.use_relay || node.use_auto_relay;
-    let config = P2pConfig {
-        keypair,
-        listen_addrs: node.host_maddrs.clone(),
-        external_addrs: node.announce_maddrs.clone(),
-        relay_client: relay,
-        relay_service: relay.then(RelayLimits::default),
-        auto_relay_reservations: if node.use_auto_relay {
-            AUTO_RELAY_RESERVATIONS
-        } else {
-            0
-        },
-        ..P2pConfig::default()
-    };
+    let config = network
+        .apply(P2pConfig {
+            keypair,
+            listen_addrs: node.host_maddrs.clone(),
+            ..P2pConfig::default()
+        })
+        .map_err(anyhow::Error::msg)?;
     let (p2p, _task) = Host::spawn(config).context("could not start the libp2p host")?;
-    if node.use_auto_relay {
-        for relay in &node.trusted_relays {
-            let circuit = relay.clone().with(Protocol::P2pCircuit);
-            match p2p.listen(circuit.clone()).await {
-                Ok(addr) => tracing::info!(%addr, "reserved a relay circuit"),
-                Err(e) => tracing::warn!(%circuit, "could not reserve a relay circuit: {e}"),
-            }
-        }
-    }
+    log_connectivity(&p2p);
     let mut config = DhtConfig::default();
     config.client_mode = client_mode;
     let dht = Dht::spawn_with_validator(p2p.clone(), config, node.initial_peers.clone(), validator)
@@ -188,15 +174,33 @@ pub(crate) async fn start_with_validator(
     Ok((p2p, dht))
 }
 
-/// Relays `--use-auto-relay` reserves circuits on, besides the trusted ones: two keep the node reachable
-/// while one of them leaves.
-const AUTO_RELAY_RESERVATIONS: usize = 2;
+/// Logs how peers reach the node whenever that changes (the path and why), until the host stops.
+fn log_connectivity(p2p: &P2pHandle) {
+    let mut connectivity = p2p.connectivity();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let (path, reason) = {
+                let c = connectivity.borrow_and_update();
+                (c.path(), c.reason())
+            };
+            if last != Some(path) {
+                tracing::info!(path = path.as_str(), "network: {reason}");
+                last = Some(path);
+            }
+            if connectivity.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
 
 /// Full `/p2p/` multiaddrs others can dial: the announced ones, else the listening ones.
 pub(crate) async fn visible_maddrs(p2p: &P2pHandle, node: &NodeArgs) -> Vec<String> {
     let id = p2p.local_peer_id();
-    if !node.announce_maddrs.is_empty() {
+    if !node.nat.announce_maddrs.is_empty() {
         return node
+            .nat
             .announce_maddrs
             .iter()
             .map(|a| format!("{a}/p2p/{id}"))

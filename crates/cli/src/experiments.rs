@@ -158,7 +158,10 @@ async fn catalog_node(
     if node.initial_peers.is_empty() && !alone {
         return Ok(None);
     }
-    Ok(Some(start_with_validator(&node, client_mode, validator).await?))
+    let network = node.nat.network(crate::nat::hivemind_defaults(false));
+    Ok(Some(
+        start_with_validator(&node, client_mode, &network, validator).await?,
+    ))
 }
 
 /// The DHT's catalog through a short-lived client node (empty when there are no bootstrap peers).

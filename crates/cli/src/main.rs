@@ -8,11 +8,13 @@
 
 mod bench;
 mod bench_moe;
+mod call;
 mod demo;
 mod dht;
 mod experiments;
 mod json;
 mod keys;
+mod nat;
 mod node;
 mod output;
 mod server;
@@ -54,6 +56,8 @@ enum Command {
     Server(Box<server::ServerArgs>),
     /// Train a model whose feed-forward layers are mixtures of the swarm's experts.
     Train(Box<train::TrainArgs>),
+    /// Call experts found through the DHT and report each call's time and path (direct or relayed).
+    Call(Box<call::CallArgs>),
     /// Browse, join and leave experiments.
     Experiments(experiments::ExperimentsArgs),
     /// Sign an experiment's manifest and keep it in the DHT's catalog until interrupted.
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => experiments::publish(*args, &out).await,
             Command::Node(args) => node::run(args, &out).await,
             Command::Train(args) => train::run(*args, &out).await,
+            Command::Call(args) => call::run(*args, &out).await,
             Command::Keys(args) => keys::run(args, &out),
             Command::Bench(args) => bench::run(args, &out).await,
         }

@@ -133,6 +133,9 @@ struct RunArgs {
     /// Serve the built dashboard (`ui/dist`) from this folder at the API's address.
     #[arg(long)]
     ui_dir: Option<PathBuf>,
+    /// NAT options; given ones replace the settings file's `network` values for this run.
+    #[command(flatten)]
+    nat: crate::nat::NatArgs,
 }
 
 pub async fn run(args: NodeArgs, out: &Output) -> Result<()> {
@@ -420,6 +423,7 @@ async fn run_node(args: RunArgs, out: &Output) -> Result<()> {
     if !args.host_maddrs.is_empty() {
         config.listen_maddrs = args.host_maddrs;
     }
+    config.network = args.nat.network(config.network);
     if !args.initial_peers.is_empty() {
         config.initial_peers = args.initial_peers;
     }

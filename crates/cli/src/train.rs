@@ -149,7 +149,10 @@ pub async fn run(args: TrainArgs, out: &Output) -> Result<()> {
     }
     let experiment = experiment(&args)?;
     let (p2p, dht) = match &experiment {
-        Some((key, _)) => start_with_validator(&args.node, true, validator(Some(key.clone()))?).await?,
+        Some((key, _)) => {
+            let network = args.node.nat.network(crate::nat::hivemind_defaults(false));
+            start_with_validator(&args.node, true, &network, validator(Some(key.clone()))?).await?
+        }
         None => start(&args.node, true).await?,
     };
     let publishing = match &experiment {

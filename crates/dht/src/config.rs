@@ -43,6 +43,10 @@ pub struct DhtConfig {
     pub ensure_bootstrap_success: bool,
     /// Reject peers whose validated ping fails (clock skew > 3 s, unreachable). Default true.
     pub strict: bool,
+    /// When the host has no connected peer at all (the network dropped, the computer woke up), dial the
+    /// initial peers again with a backoff from 1 s to 30 s and bootstrap once one answers. hivemind does
+    /// not (its nodes stay silently alone: the dropout Petals users report). Default true.
+    pub rebootstrap: bool,
 }
 
 impl Default for DhtConfig {
@@ -66,6 +70,7 @@ impl Default for DhtConfig {
             client_mode: false,
             ensure_bootstrap_success: true,
             strict: true,
+            rebootstrap: true,
         }
     }
 }

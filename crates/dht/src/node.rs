@@ -10,7 +10,7 @@
 //! caller's task on a cloneable [`DhtHandle`], sending their outgoing RPCs through [`DhtRpc`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apiary_p2p::{CallError, InvalidName, Multiaddr, OpenError, P2pHandle, UnaryHandler};
@@ -612,6 +612,8 @@ struct Inner {
     /// Gets in flight by key, for `reuse_get_requests`: a finished get hands what it found to the
     /// others (hivemind's `pending_get_requests`).
     pending_gets: Mutex<HashMap<DhtId, Vec<PendingGet>>>,
+    /// The task that re-bootstraps after the host lost every peer ([`DhtConfig::rebootstrap`]).
+    watchdog: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// The searches of one `get_many` call, by key.
@@ -668,6 +670,12 @@ impl Dht {
             handle.register_handlers(&p2p)?;
         }
         let timeout = config.bootstrap_timeout.unwrap_or(config.wait_timeout);
+        for addr in &initial_peers {
+            if let Some(apiary_p2p::Protocol::P2p(peer)) = addr.iter().last() {
+                // a quiet node keeps its way into the swarm (and an outage shows as no peers)
+                p2p.keep_alive(peer);
+            }
+        }
         let dials = initial_peers.iter().map(|addr| {
             let p2p = p2p.clone();
             let addr = addr.clone();
@@ -691,7 +699,102 @@ impl Dht {
             handle.shutdown().await;
             return Err(e);
         }
+        if config.rebootstrap && !initial_peers.is_empty() {
+            let task = tokio::spawn(rebootstrap(Arc::downgrade(&handle.inner), p2p, initial_peers));
+            *handle
+                .inner
+                .watchdog
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
+        }
         Ok(handle)
+    }
+}
+
+/// The first wait between re-bootstrap tries (it doubles up to [`REBOOTSTRAP_MAX_WAIT`]).
+const REBOOTSTRAP_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// The longest wait between re-bootstrap tries.
+const REBOOTSTRAP_MAX_WAIT: Duration = Duration::from_secs(30);
+/// How often a connected node pings one of its bootstrap peers (within libp2p's and Apiary's idle
+/// connection timeouts).
+const KEEPALIVE_PERIOD: Duration = Duration::from_secs(20);
+
+/// Watches the host's connected peers; whenever none is left, dials `initial_peers` again (backoff
+/// [`REBOOTSTRAP_FIRST_WAIT`] doubling to [`REBOOTSTRAP_MAX_WAIT`]) until one answers or a peer connects,
+/// then bootstraps. Ends when the node is gone.
+async fn rebootstrap(node: Weak<Inner>, p2p: P2pHandle, initial_peers: Vec<Multiaddr>) {
+    let mut peers = p2p.connected_peers();
+    let bootstrap_ids: Vec<PeerId> = initial_peers
+        .iter()
+        .filter_map(|a| match a.iter().last() {
+            Some(apiary_p2p::Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        })
+        .collect();
+    let mut keepalive = tokio::time::interval(KEEPALIVE_PERIOD);
+    loop {
+        // while connected: ping one bootstrap peer now and then, so that neither side finds the
+        // connection idle and closes it (a quiet node would otherwise look offline)
+        loop {
+            tokio::select! {
+                closed = async { peers.wait_for(|p| p.is_empty()).await.is_err() } => {
+                    if closed {
+                        return;
+                    }
+                    break;
+                }
+                _ = keepalive.tick() => {
+                    let connected = p2p.connected_peers().borrow().clone();
+                    let Some(peer) = bootstrap_ids.iter().find(|p| connected.contains(p)).copied() else {
+                        continue;
+                    };
+                    let Some(inner) = node.upgrade() else { return };
+                    let handle = DhtHandle { inner };
+                    let _ = handle.call_ping(peer, false, false).await;
+                }
+            }
+        }
+        // a moment for a connection to come back by itself
+        tokio::time::sleep(REBOOTSTRAP_FIRST_WAIT).await;
+        if !peers.borrow_and_update().is_empty() {
+            continue;
+        }
+        tracing::warn!("re-bootstrapping: no peers connected");
+        let mut wait = REBOOTSTRAP_FIRST_WAIT;
+        loop {
+            let Some(inner) = node.upgrade() else { return };
+            let handle = DhtHandle { inner };
+            let timeout = handle.inner.config.wait_timeout;
+            let dials = initial_peers.iter().map(|addr| {
+                let p2p = p2p.clone();
+                let addr = addr.clone();
+                async move { tokio::time::timeout(timeout, p2p.dial(addr)).await.ok()?.ok() }
+            });
+            let answered: Vec<PeerId> = futures::future::join_all(dials)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            if !answered.is_empty() {
+                let _ = handle.bootstrap(&answered, initial_peers.len(), Vec::new()).await;
+                tracing::info!(peers = answered.len(), "re-bootstrapped");
+                break;
+            }
+            drop(handle);
+            if !peers.borrow_and_update().is_empty() {
+                tracing::info!("a peer connected; re-bootstrap done");
+                break;
+            }
+            tracing::debug!(
+                wait_s = wait.as_secs_f64(),
+                "no initial peer answered; trying again"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = peers.wait_for(|p| !p.is_empty()) => {}
+            }
+            wait = (wait * 2).min(REBOOTSTRAP_MAX_WAIT);
+        }
     }
 }
 
@@ -746,6 +849,7 @@ impl DhtHandle {
                 node_info,
                 p2p,
                 pending_gets: Mutex::new(HashMap::new()),
+                watchdog: Mutex::new(None),
             }),
         };
         if config_refresh {
@@ -903,6 +1007,15 @@ impl DhtHandle {
 
     /// Stops the node: unregisters its handlers (the p2p host keeps running) and ends the owner task.
     pub async fn shutdown(&self) {
+        if let Some(task) = self
+            .inner
+            .watchdog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
         if let Some(p2p) = &self.inner.p2p
             && !self.inner.config.client_mode
         {

@@ -483,3 +483,72 @@ async fn a_withdrawal_erases_only_its_own_value() {
         n.stop().await;
     }
 }
+
+/// A node that lost every peer (its only bootstrap peer went away) dials its initial peers again by itself
+/// and is back in the swarm once the bootstrap peer returns (hivemind's nodes stay alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_every_peer_bootstraps_again() {
+    use apiary_p2p::{Host, Keypair, P2pConfig};
+    let key = Keypair::generate_ed25519();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let boot_at = |key: Keypair| async move {
+        let (p2p, _task) = Host::spawn(P2pConfig {
+            keypair: Some(key),
+            ..P2pConfig::default()
+        })
+        .unwrap();
+        let addr = p2p
+            .listen(format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let dht = apiary_dht::Dht::spawn(p2p.clone(), common::test_config(), vec![])
+            .await
+            .unwrap();
+        let addr = addr.with_p2p(p2p.local_peer_id()).unwrap();
+        common::Node { dht, p2p, addr }
+    };
+    let boot = boot_at(key.clone()).await;
+    let volunteer = node(vec![boot.addr.clone()]).await;
+    let boot_id = boot.p2p.local_peer_id();
+    assert!(volunteer.p2p.connected_peers().borrow().contains(&boot_id));
+
+    boot.stop().await;
+    let mut peers = volunteer.p2p.connected_peers();
+    tokio::time::timeout(Duration::from_secs(20), peers.wait_for(|p| p.is_empty()))
+        .await
+        .expect("the volunteer kept a peer that is gone")
+        .unwrap();
+    // gone for a few of the volunteer's tries
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let boot = boot_at(key).await;
+    tokio::time::timeout(Duration::from_secs(30), peers.wait_for(|p| p.contains(&boot_id)))
+        .await
+        .expect("the volunteer never came back to its bootstrap peer")
+        .unwrap();
+    let exp = expiration(60.0);
+    assert!(
+        volunteer
+            .dht
+            .store(Value::str("after-the-outage"), Value::from(7), exp, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            boot.dht
+                .get(Value::str("after-the-outage"), true)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await,
+        "the volunteer's store did not reach the returned bootstrap peer"
+    );
+    volunteer.stop().await;
+    boot.stop().await;
+}

@@ -52,6 +52,128 @@ pub struct NodeConfig {
     /// `GET /api/machine` lists them; a build without CUDA support refuses it at join time).
     /// Applies to experts joined after a change. Default `"auto"`.
     pub device: DeviceChoice,
+    /// How the node gets through NAT: relays, hole punching, port mapping, reachability. Default
+    /// [`NetworkConfig::default`] (a home PC's: auto relay on, no relay service).
+    pub network: NetworkConfig,
+}
+
+/// How the p2p host gets through NAT (hivemind's `P2P.create` options, same names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetworkConfig {
+    /// Dial peers through circuit relays (libp2p circuit relay v2 client) and upgrade such connections
+    /// to direct ones by hole punching. Default true (hivemind's `use_relay`).
+    pub use_relay: bool,
+    /// When this node is private (AutoNAT, or `force_reachability`), hold circuit reservations on the
+    /// trusted relays and on up to [`AUTO_RELAYS`] connected peers offering the relay service, so that
+    /// trainers can call in through them (hivemind's `use_auto_relay`). Implies `use_relay`. Default true
+    /// in the node (a home PC is usually behind NAT); the `apiary dht|server` commands default to off, as
+    /// hivemind's.
+    pub use_auto_relay: bool,
+    /// Relays to reserve circuits on at once (full multiaddrs with `/p2p/`), kept with a 1–30 s
+    /// backoff. Implies `use_auto_relay`. Default none.
+    pub trusted_relays: Vec<String>,
+    /// Relay for others (circuit relay v2 service, with [`apiary_p2p::RelayLimits::default`]'s limits:
+    /// 128 reservations, 16 circuits per peer, 30 min and 8 GiB per circuit). It serves only once the
+    /// node is known to be reachable. Default false on a home PC; `apiary dht` turns it on.
+    pub relay_service: bool,
+    /// Skip AutoNAT's finding: `"public"` (dialable: no relay reservations) or `"private"` (behind NAT:
+    /// reserve relays at once). Default none: AutoNAT decides.
+    pub force_reachability: Option<ForceReachability>,
+    /// Ask the home router for a port mapping with UPnP (only tried where the node listens on a private
+    /// or unspecified IPv4 address: the only case a mapping can help). Default true (hivemind's
+    /// `nat_port_map`).
+    pub nat_port_map: bool,
+    /// Addresses to announce instead of the observed ones (explicit ports), e.g. a port forwarded by
+    /// hand. Default none.
+    pub announce_maddrs: Vec<String>,
+    /// Upgrade relayed connections to direct ones with DCUtR hole punching. Default true (p2pd enables
+    /// it with AutoNAT).
+    pub hole_punching: bool,
+}
+
+/// How many discovered relays auto relay holds reservations on (besides the trusted ones): two keep the
+/// node reachable while one of them leaves.
+pub const AUTO_RELAYS: usize = 2;
+
+/// A reachability set by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForceReachability {
+    /// Peers can dial this node directly.
+    Public,
+    /// They cannot: use relays.
+    Private,
+}
+
+impl std::str::FromStr for ForceReachability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "public" => Ok(ForceReachability::Public),
+            "private" => Ok(ForceReachability::Private),
+            other => Err(format!("`{other}`: expected public or private")),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            use_relay: true,
+            use_auto_relay: true,
+            trusted_relays: Vec::new(),
+            relay_service: false,
+            force_reachability: None,
+            nat_port_map: true,
+            announce_maddrs: Vec::new(),
+            hole_punching: true,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// These settings applied to `p2p` (whose `listen_addrs` must be set already: UPnP is only started
+    /// where a listen address is private or unspecified IPv4). AutoNAT is always on. Fails on an address
+    /// that is not a multiaddr, or a trusted relay without `/p2p/`.
+    pub fn apply(&self, mut p2p: apiary_p2p::P2pConfig) -> Result<apiary_p2p::P2pConfig, String> {
+        let parse = |what: &str, list: &[String]| -> Result<Vec<apiary_p2p::Multiaddr>, String> {
+            list.iter()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|e| format!("{what}: `{a}` is not a multiaddr: {e}"))
+                })
+                .collect()
+        };
+        let trusted = parse("trusted_relays", &self.trusted_relays)?;
+        if let Some(bad) = trusted
+            .iter()
+            .find(|a| !matches!(a.iter().last(), Some(apiary_p2p::Protocol::P2p(_))))
+        {
+            return Err(format!("trusted_relays: `{bad}` must end with /p2p/<peer id>"));
+        }
+        let auto_relay = self.use_auto_relay || !trusted.is_empty();
+        p2p.relay_client = self.use_relay || auto_relay;
+        p2p.dcutr = p2p.relay_client && self.hole_punching;
+        p2p.auto_relay_reservations = if auto_relay { AUTO_RELAYS } else { 0 };
+        p2p.trusted_relays = trusted;
+        p2p.relay_service = self.relay_service.then(apiary_p2p::RelayLimits::default);
+        p2p.force_reachability = self.force_reachability.map(|f| match f {
+            ForceReachability::Public => apiary_p2p::Reachability::Public,
+            ForceReachability::Private => apiary_p2p::Reachability::Private,
+        });
+        p2p.autonat = true;
+        p2p.upnp = self.nat_port_map && p2p.listen_addrs.iter().any(upnp_can_map);
+        p2p.external_addrs = parse("announce_maddrs", &self.announce_maddrs)?;
+        Ok(p2p)
+    }
+}
+
+/// Whether a UPnP mapping could help a listener on `addr`: a private or unspecified IPv4 address (a
+/// public one needs none; loopback cannot be mapped).
+fn upnp_can_map(addr: &apiary_p2p::Multiaddr) -> bool {
+    matches!(addr.iter().next(), Some(apiary_p2p::Protocol::Ip4(ip)) if ip.is_private() || ip.is_unspecified())
 }
 
 /// Where experts compute: the `device` setting (`auto`, `cpu` or `cuda:N` as text).
@@ -169,6 +291,7 @@ impl Default for NodeConfig {
             max_experts: None,
             policy: PolicyConfig::default(),
             device: DeviceChoice::Auto,
+            network: NetworkConfig::default(),
         }
     }
 }

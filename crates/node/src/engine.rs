@@ -532,6 +532,7 @@ impl Engine {
             maddrs,
             peers: st.peers,
             reachability: (*self.p2p.reachability().borrow()).into(),
+            network: (&*self.p2p.connectivity().borrow()).into(),
             telemetry: samples.borrow().clone(),
         };
         self.status.send_if_modified(|s| {

@@ -30,6 +30,9 @@ pub enum NodeError {
         /// The parser's message.
         reason: String,
     },
+    /// The `network` settings are invalid (an address, a trusted relay without `/p2p/`).
+    #[error("network settings: {0}")]
+    Network(String),
     /// The p2p host failed.
     #[error("p2p host: {0}")]
     P2p(#[from] apiary_p2p::HostError),

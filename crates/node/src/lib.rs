@@ -83,14 +83,18 @@ pub use apiary_catalog::{Card, GpuProfile, JoinPlan, MachineProfile};
 pub use apiary_governor::{Directive, Mode, PauseCause, PolicyConfig, Probes, Reading, Sample};
 pub use apiary_ledger::{Bucket, Filter, Row, Totals};
 pub use config::{
-    BadDevice, CONFIG_FILE, ConfigError, DeviceChoice, MAX_GPU_INDEX, MAX_SNOOZE_S, NodeConfig,
-    TEMPERATURE_TARGET_C, check_experiment_id, check_policy, check_snooze, planning_mode,
+    AUTO_RELAYS, BadDevice, CONFIG_FILE, ConfigError, DeviceChoice, ForceReachability, MAX_GPU_INDEX,
+    MAX_SNOOZE_S, NetworkConfig, NodeConfig, TEMPERATURE_TARGET_C, check_experiment_id, check_policy,
+    check_snooze, planning_mode,
 };
 pub use device::{APPLIES_NOTE, DeviceSetting};
 pub use error::NodeError;
 pub use machine::local_profile;
 use status::Events;
-pub use status::{ExpertLoad, HostedStatus, LoggedEvent, NodeEvent, NodeStatus, Reachability, RunState};
+pub use status::{
+    ConnectionCounts, ExpertLoad, HolePunchCounts, HostedStatus, LoggedEvent, NetPath, NetworkStatus,
+    NodeEvent, NodeStatus, Reachability, RelayInfo, RunState,
+};
 
 use engine::{Command, Engine, GovernorCommand, JOINED_FILE, JoinedRecord, ManifestRef, POLICY_STATE_FILE};
 
@@ -166,13 +170,15 @@ impl Node {
         let ledger = Ledger::open(LedgerConfig::new(data_dir.join(apiary_ledger::FILE_NAME)))?;
 
         let keypair = identity(&data_dir)?;
-        let (p2p, _host_task) = Host::spawn(P2pConfig {
-            keypair: Some(keypair),
-            listen_addrs: listen,
-            // the dashboard shows whether peers can reach this node
-            autonat: true,
-            ..P2pConfig::default()
-        })?;
+        let p2p_config = config
+            .network
+            .apply(P2pConfig {
+                keypair: Some(keypair),
+                listen_addrs: listen,
+                ..P2pConfig::default()
+            })
+            .map_err(NodeError::Network)?;
+        let (p2p, _host_task) = Host::spawn(p2p_config)?;
         let mut dht_config = DhtConfig::default();
         dht_config.client_mode = config.client_mode;
         // offline or unreachable bootstrap peers must not keep the app from starting
@@ -230,6 +236,7 @@ impl Node {
             maddrs: Vec::new(),
             peers: 0,
             reachability: Reachability::Unknown,
+            network: (&*p2p.connectivity().borrow()).into(),
             telemetry: None,
         });
         let (config_tx, config_rx) = watch::channel(config);

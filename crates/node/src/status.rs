@@ -111,6 +111,8 @@ pub struct NodeStatus {
     pub peers: usize,
     /// Whether other peers can dial this node, as AutoNAT finds it through its peers.
     pub reachability: Reachability,
+    /// How peers reach this node (direct, relayed, unreachable), why, and the round trip.
+    pub network: NetworkStatus,
     /// The governor's latest readings.
     #[serde(serialize_with = "serialize_sample")]
     pub telemetry: Option<Arc<Sample>>,
@@ -179,6 +181,126 @@ impl From<apiary_p2p::Reachability> for Reachability {
             apiary_p2p::Reachability::Unknown => Reachability::Unknown,
             apiary_p2p::Reachability::Public => Reachability::Public,
             apiary_p2p::Reachability::Private => Reachability::Private,
+        }
+    }
+}
+
+/// How peers reach this node, for people: [`apiary_p2p::Connectivity`] in the status's terms.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NetworkStatus {
+    /// AutoNAT's finding, or the forced setting.
+    pub reachability: Reachability,
+    /// Whether `reachability` was set by hand (`network.force_reachability`).
+    pub forced: bool,
+    /// `checking`, `direct`, `relayed`, `unreachable` or `offline`.
+    pub path: NetPath,
+    /// Why, in words.
+    pub reason: String,
+    /// The round trip that matters for the path, in milliseconds: to the nearest relay when relayed,
+    /// else the median to connected peers; none before the first ping.
+    pub rtt_ms: Option<f64>,
+    /// The relays holding a reservation for this node.
+    pub relays: Vec<RelayInfo>,
+    /// The node's `/p2p-circuit` addresses (what trainers dial through the relays).
+    pub relayed_addrs: Vec<String>,
+    /// Its addresses as peers see them.
+    pub observed_addrs: Vec<String>,
+    /// The address a UPnP gateway mapped, if any.
+    pub port_mapping: Option<String>,
+    /// Open connections by kind.
+    pub connections: ConnectionCounts,
+    /// Relayed connections upgraded to direct ones by hole punching, and failed tries, since start.
+    pub hole_punches: HolePunchCounts,
+}
+
+/// How peers get to the node, in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetPath {
+    /// Not known yet.
+    Checking,
+    /// Peers dial it directly.
+    Direct,
+    /// Through a relay.
+    Relayed,
+    /// Peers cannot call in.
+    Unreachable,
+    /// No peer connected.
+    Offline,
+}
+
+/// A relay holding a reservation for the node.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RelayInfo {
+    /// The relay's peer id (base58).
+    pub peer_id: String,
+    /// The latest round trip to it, in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// Open connections by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnectionCounts {
+    /// Direct ones.
+    pub direct: usize,
+    /// Through relays.
+    pub relayed: usize,
+}
+
+/// Hole punching since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HolePunchCounts {
+    /// Relayed connections made direct.
+    pub succeeded: u64,
+    /// Failed tries.
+    pub failed: u64,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+impl Default for NetworkStatus {
+    /// A node that has not started its network: offline, nothing known.
+    fn default() -> Self {
+        (&apiary_p2p::Connectivity::default()).into()
+    }
+}
+
+impl From<&apiary_p2p::Connectivity> for NetworkStatus {
+    fn from(c: &apiary_p2p::Connectivity) -> Self {
+        let strings = |addrs: &[apiary_p2p::Multiaddr]| addrs.iter().map(ToString::to_string).collect();
+        NetworkStatus {
+            reachability: c.reachability.into(),
+            forced: c.forced,
+            path: match c.path() {
+                apiary_p2p::NetPath::Checking => NetPath::Checking,
+                apiary_p2p::NetPath::Direct => NetPath::Direct,
+                apiary_p2p::NetPath::Relayed => NetPath::Relayed,
+                apiary_p2p::NetPath::Unreachable => NetPath::Unreachable,
+                apiary_p2p::NetPath::Offline => NetPath::Offline,
+            },
+            reason: c.reason(),
+            rtt_ms: c.rtt().map(ms),
+            relays: c
+                .relays
+                .iter()
+                .map(|r| RelayInfo {
+                    peer_id: r.peer.to_base58(),
+                    rtt_ms: r.rtt.map(ms),
+                })
+                .collect(),
+            relayed_addrs: strings(&c.relayed_addrs),
+            observed_addrs: strings(&c.observed_addrs),
+            port_mapping: c.port_mapping.as_ref().map(ToString::to_string),
+            connections: ConnectionCounts {
+                direct: c.direct_connections,
+                relayed: c.relayed_connections,
+            },
+            hole_punches: HolePunchCounts {
+                succeeded: c.hole_punches.succeeded,
+                failed: c.hole_punches.failed,
+            },
         }
     }
 }

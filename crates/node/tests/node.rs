@@ -876,3 +876,90 @@ async fn per_expert_load_grows_with_calls() {
     node.shutdown().await.unwrap();
     swarm.stop().await;
 }
+
+/// The status says how peers reach the node: forced private with a trusted relay, it is relayed through
+/// it (with the relay's round trip and the relayed address); with the relay gone, offline; a trusted relay
+/// without a peer id is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_says_how_peers_reach_the_node() {
+    use apiary_node::{ForceReachability, NetPath, NetworkConfig};
+    use apiary_p2p::{Host, P2pConfig, RelayLimits};
+    let (relay, relay_addr) = {
+        let (p2p, _task) = Host::spawn(P2pConfig {
+            relay_service: Some(RelayLimits::default()),
+            ..P2pConfig::default()
+        })
+        .unwrap();
+        let addr = p2p.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).await.unwrap();
+        p2p.add_external_address(addr.clone()).await.unwrap();
+        let full = addr.with_p2p(p2p.local_peer_id()).unwrap();
+        let dht = apiary_dht::Dht::spawn(p2p.clone(), apiary_dht::DhtConfig::default(), vec![])
+            .await
+            .unwrap();
+        (
+            common::Peer {
+                p2p,
+                dht,
+                addr: full.clone(),
+            },
+            full,
+        )
+    };
+    let network: NetworkConfig = toml::from_str(&format!(
+        "force_reachability = \"private\"\ntrusted_relays = [\"{relay_addr}\"]\nnat_port_map = false\n"
+    ))
+    .unwrap();
+    assert_eq!(network.force_reachability, Some(ForceReachability::Private));
+    assert!(network.use_relay && network.use_auto_relay && network.hole_punching && !network.relay_service);
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        data_dir: dir.path().to_owned(),
+        listen_maddrs: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        initial_peers: vec![relay_addr.to_string()],
+        network,
+        ..NodeConfig::default()
+    };
+    let user = common::User(Arc::new(AtomicBool::new(false)));
+    let node = Node::spawn(config.clone(), probes(&user)).await.unwrap();
+    let relay_id = relay.p2p.local_peer_id().to_base58();
+    let status = wait_for("a relayed status", PATIENCE, async || {
+        let s = node.status().borrow().clone();
+        let relayed = s.network.path == NetPath::Relayed && s.network.rtt_ms.is_some();
+        let seen = format!("{:?}", s.network);
+        relayed.then_some(s).ok_or(seen)
+    })
+    .await;
+    let n = &status.network;
+    assert!(n.forced && n.reason.contains("through a relay"), "{n:?}");
+    assert_eq!(n.relays.len(), 1);
+    assert_eq!(n.relays[0].peer_id, relay_id);
+    assert!(
+        n.relayed_addrs.iter().any(|a| a.contains("/p2p-circuit")),
+        "{n:?}"
+    );
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["network"]["path"], "relayed");
+    assert_eq!(json["network"]["reachability"], "private");
+
+    relay.stop().await;
+    wait_for("an offline status", PATIENCE, async || {
+        let n = node.status().borrow().network.clone();
+        (n.path == NetPath::Offline && n.relays.is_empty() && n.reason.contains("No peer"))
+            .then_some(())
+            .ok_or(format!("{n:?}"))
+    })
+    .await;
+    node.shutdown().await.unwrap();
+
+    let bad = NodeConfig {
+        data_dir: dir.path().join("other"),
+        network: NetworkConfig {
+            trusted_relays: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            ..NetworkConfig::default()
+        },
+        ..config
+    };
+    let err = Node::spawn(bad, probes(&user)).await.unwrap_err();
+    assert!(matches!(err, NodeError::Network(_)), "{err}");
+    assert!(err.to_string().contains("/p2p/"), "{err}");
+}

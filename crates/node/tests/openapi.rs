@@ -440,7 +440,10 @@ fn the_validator_refuses_what_does_not_match() {
     let status = json!({
         "state": "paused", "reason": "Paused by you", "until": null,
         "directive": { "kind": "paused", "cause": "user", "reason": "Paused by you", "until": null }, "mode": "balanced",
-        "experiments": [], "peer_id": "12D3KooW", "maddrs": [], "peers": 0, "reachability": "unknown", "telemetry": null
+        "experiments": [], "peer_id": "12D3KooW", "maddrs": [], "peers": 0, "reachability": "unknown", "telemetry": null,
+        "network": { "reachability": "unknown", "forced": false, "path": "checking", "reason": "x", "rtt_ms": null,
+            "relays": [], "relayed_addrs": [], "observed_addrs": [], "port_mapping": null,
+            "connections": { "direct": 0, "relayed": 0 }, "hole_punches": { "succeeded": 0, "failed": 0 } }
     });
     let node_status = schema_ref("NodeStatus");
     validate(&doc, &node_status, &status, "$").unwrap();

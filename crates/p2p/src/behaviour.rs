@@ -31,6 +31,8 @@ use crate::routing::{AddressBook, KAD_PROTOCOL};
 
 /// The registered handlers by name, shared by the behaviour and every connection handler.
 pub(crate) type Names = Arc<RwLock<HashMap<String, crate::rpc::Handler>>>;
+/// Peers whose connections stay open while idle (bootstrap peers), shared with every connection handler.
+pub(crate) type Pinned = Arc<RwLock<std::collections::HashSet<PeerId>>>;
 
 /// Why an outbound stream could not be opened.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,20 +104,23 @@ pub struct OpenStream {
 #[derive(Debug)]
 pub struct Behaviour {
     names: Names,
+    pinned: Pinned,
     /// Where known peers listen: handed to the swarm when it dials by peer id, read by peer routing.
     pub(crate) book: AddressBook,
     /// Whether connections accept `/ipfs/kad/1.0.0` (peer routing served by the host).
     serve_kad: bool,
-    connected: HashMap<PeerId, usize>,
+    /// Each connected peer's connections, and whether each goes through a relay.
+    connected: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
     /// Streams waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<OpenStream>>,
     actions: VecDeque<ToSwarm<Event, OpenStream>>,
 }
 
 impl Behaviour {
-    pub(crate) fn new(names: Names, book: AddressBook, serve_kad: bool) -> Self {
+    pub(crate) fn new(names: Names, pinned: Pinned, book: AddressBook, serve_kad: bool) -> Self {
         Self {
             names,
+            pinned,
             book,
             serve_kad,
             connected: HashMap::new(),
@@ -127,10 +132,15 @@ impl Behaviour {
     /// Opens a stream to `peer` for handler `name`, dialing the peer first if it is not connected.
     pub(crate) fn open_stream(&mut self, peer: PeerId, name: String, reply: OpenReply) {
         let open = OpenStream { name, reply };
-        if self.connected.contains_key(&peer) {
+        if let Some(connections) = self.connected.get(&peer).filter(|c| !c.is_empty()) {
+            // a direct connection when there is one (after hole punching, the relayed one may linger)
+            let (id, _) = connections
+                .iter()
+                .find(|(_, relayed)| !relayed)
+                .unwrap_or(&connections[0]);
             self.actions.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
-                handler: NotifyHandler::Any,
+                handler: NotifyHandler::One(*id),
                 event: open,
             });
         } else {
@@ -144,9 +154,11 @@ impl Behaviour {
         }
     }
 
-    fn handler(&self) -> RpcHandler {
+    fn handler(&self, peer: PeerId) -> RpcHandler {
         RpcHandler {
             names: self.names.clone(),
+            pinned: self.pinned.clone(),
+            peer,
             serve_kad: self.serve_kad,
             pending: VecDeque::new(),
             events: VecDeque::new(),
@@ -161,22 +173,22 @@ impl NetworkBehaviour for Behaviour {
     fn handle_established_inbound_connection(
         &mut self,
         _: ConnectionId,
-        _: PeerId,
+        peer: PeerId,
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler())
+        Ok(self.handler(peer))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
         _: ConnectionId,
-        _: PeerId,
+        peer: PeerId,
         _: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler())
+        Ok(self.handler(peer))
     }
 
     fn handle_pending_outbound_connection(
@@ -192,7 +204,10 @@ impl NetworkBehaviour for Behaviour {
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
-                *self.connected.entry(e.peer_id).or_default() += 1;
+                self.connected
+                    .entry(e.peer_id)
+                    .or_default()
+                    .push((e.connection_id, e.endpoint.is_relayed()));
                 self.book.connected(e.peer_id);
                 if let libp2p::core::ConnectedPoint::Dialer { address, .. } = e.endpoint {
                     // An address that just worked (a listener's side sees only an ephemeral port).
@@ -213,9 +228,9 @@ impl NetworkBehaviour for Behaviour {
             }
             FromSwarm::ConnectionClosed(e) => {
                 self.book.disconnected(e.peer_id);
-                if let Some(n) = self.connected.get_mut(&e.peer_id) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
+                if let Some(connections) = self.connected.get_mut(&e.peer_id) {
+                    connections.retain(|(id, _)| *id != e.connection_id);
+                    if connections.is_empty() {
                         self.connected.remove(&e.peer_id);
                     }
                 }
@@ -256,6 +271,8 @@ impl NetworkBehaviour for Behaviour {
 #[derive(Debug)]
 pub struct RpcHandler {
     names: Names,
+    pinned: Pinned,
+    peer: PeerId,
     serve_kad: bool,
     pending: VecDeque<OpenStream>,
     events: VecDeque<(Stream, String)>,
@@ -276,6 +293,13 @@ impl ConnectionHandler for RpcHandler {
             accepted.push(KAD_PROTOCOL.to_owned());
         }
         SubstreamProtocol::new(HandlerNames(accepted), ())
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        self.pinned
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&self.peer)
     }
 
     fn poll(

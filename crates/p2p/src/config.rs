@@ -62,10 +62,24 @@ pub struct P2pConfig {
     pub autonat_only_global_ips: bool,
     /// UPnP port mapping on the local gateway (default off).
     pub upnp: bool,
+    /// Relays (full multiaddrs with `/p2p/<id>`) to hold circuit reservations on from the start, as p2pd's
+    /// `-trustedRelays` (default none). Needs [`P2pConfig::relay_client`]; skipped when
+    /// [`P2pConfig::force_reachability`] is public. A reservation that ends (the relay left, the network
+    /// dropped) is retried with a backoff from [`RELAY_RETRY_MIN`] to [`RELAY_RETRY_MAX`].
+    pub trusted_relays: Vec<Multiaddr>,
+    /// Reachability decided by the user instead of AutoNAT (default `None`: AutoNAT decides), as p2pd's
+    /// `-forceReachabilityPublic/Private`. `Some(Private)` makes auto relay reserve at once.
+    pub force_reachability: Option<crate::Reachability>,
     /// Longest time an inbound unary call's handler may run before the caller gets an error reply
     /// (default `None`: no limit beyond the caller's own timeout).
     pub handler_timeout: Option<Duration>,
 }
+
+/// The first wait before a relay reservation that ended or failed is tried again (it doubles up to
+/// [`RELAY_RETRY_MAX`]).
+pub const RELAY_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between tries of a relay reservation.
+pub const RELAY_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Which security protocols connections offer and accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,6 +171,8 @@ impl Default for P2pConfig {
             autonat_boot_delay: Duration::from_secs(15),
             autonat_only_global_ips: true,
             upnp: false,
+            trusted_relays: Vec::new(),
+            force_reachability: None,
             handler_timeout: None,
         }
     }

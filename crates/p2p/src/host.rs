@@ -1,6 +1,6 @@
 //! The host: one task owning the `Swarm`, reached through a cloneable [`P2pHandle`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -16,8 +16,9 @@ use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Stream, Swarm, autonat, dcutr, identify, ping, relay, upnp};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch};
 
-use crate::behaviour::{self, Names, OpenError};
-use crate::config::P2pConfig;
+use crate::behaviour::{self, Names, OpenError, Pinned};
+use crate::config::{P2pConfig, RELAY_RETRY_MAX, RELAY_RETRY_MIN};
+use crate::connectivity::{Connectivity, HolePunches, Link, Links, RelayStatus};
 use crate::routing::{self, AddressBook, KadKey, PeerRecord};
 use crate::rpc::{self, Frame, Handler, InvalidName, ReadError, StreamHandler, UnaryHandler};
 
@@ -125,6 +126,10 @@ enum Command {
     AddExternalAddress {
         addr: Multiaddr,
     },
+    /// Try a trusted relay's reservation again (after its backoff).
+    RetryRelay {
+        index: usize,
+    },
     OpenStream {
         peer: PeerId,
         name: String,
@@ -207,7 +212,31 @@ pub struct P2pHandle {
     visible_addrs: watch::Receiver<Vec<Multiaddr>>,
     reachability: watch::Receiver<Reachability>,
     peers: watch::Receiver<Vec<PeerId>>,
+    connectivity: watch::Receiver<Connectivity>,
+    links: Links,
+    pinned: Pinned,
 }
+
+/// A relay from [`P2pConfig::trusted_relays`] and the state of its reservation.
+#[derive(Debug)]
+struct TrustedRelay {
+    peer: PeerId,
+    /// Its address without `/p2p/`.
+    addr: Multiaddr,
+    /// The circuit listener holding (or asking for) the reservation.
+    listener: Option<ListenerId>,
+    /// The wait before the next try.
+    backoff: Duration,
+    retry_pending: bool,
+}
+
+/// Whether `addr` goes through a relay.
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// How many observed addresses the status keeps.
+const OBSERVED_ADDRS: usize = 8;
 
 /// The libp2p host; [`Host::spawn`] starts its event loop.
 #[derive(Debug)]
@@ -223,12 +252,31 @@ impl Host {
             .unwrap_or_else(libp2p::identity::Keypair::generate_ed25519);
         let handlers: Names = Arc::new(RwLock::new(HashMap::new()));
         let names = handlers.clone();
+        let pinned: Pinned = Arc::default();
         let agent = config.agent_version.clone();
         let (transport, relay_client) = crate::transport::build(&keypair, &config)?;
+        let mut trusted = Vec::new();
+        for full in &config.trusted_relays {
+            let mut addr = full.clone();
+            let Some(Protocol::P2p(peer)) = addr.pop() else {
+                return Err(HostError::Dial {
+                    addr: full.clone(),
+                    reason: "a trusted relay's address must end with /p2p/<peer id>".into(),
+                });
+            };
+            trusted.push(TrustedRelay {
+                peer,
+                addr,
+                listener: None,
+                backoff: RELAY_RETRY_MIN,
+                retry_pending: false,
+            });
+        }
         let peer = keypair.public().to_peer_id();
         let behaviour = Behaviour {
             rpc: behaviour::Behaviour::new(
                 names,
+                pinned.clone(),
                 AddressBook::new(peer, config.address_book_capacity),
                 config.kad_server_mode,
             ),
@@ -275,7 +323,17 @@ impl Host {
         let (commands, command_rx) = mpsc::channel(config.command_capacity.max(1));
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
         let (visible_tx, visible_addrs) = watch::channel(Vec::new());
-        let (reachability_tx, reachability) = watch::channel(Reachability::Unknown);
+        let initial = config.force_reachability.unwrap_or_default();
+        let (reachability_tx, reachability) = watch::channel(initial);
+        let (connectivity_tx, connectivity) = watch::channel(Connectivity {
+            reachability: initial,
+            forced: config.force_reachability.is_some(),
+            autonat: config.autonat,
+            seeks_relays: config.relay_client
+                && (config.auto_relay_reservations > 0 || !config.trusted_relays.is_empty()),
+            ..Connectivity::default()
+        });
+        let links = Links::default();
         let (peers_tx, peers) = watch::channel(Vec::new());
         let handle = P2pHandle {
             commands,
@@ -292,6 +350,9 @@ impl Host {
             visible_addrs,
             reachability,
             peers,
+            connectivity,
+            links: links.clone(),
+            pinned,
         };
         let event_loop = EventLoop {
             swarm,
@@ -310,8 +371,17 @@ impl Host {
             relay_client: config.relay_client,
             auto_relay_reservations: config.auto_relay_reservations,
             reservations: HashMap::new(),
+            forced: config.force_reachability,
+            trusted,
+            relay_capable: HashSet::new(),
+            accepted: HashSet::new(),
+            observed: VecDeque::new(),
+            port_mapping: None,
+            hole_punches: HolePunches::default(),
+            connectivity_tx,
+            links,
         };
-        Ok((handle, tokio::spawn(event_loop.run())))
+        Ok((handle, tokio::spawn(event_loop.start())))
     }
 }
 
@@ -336,6 +406,28 @@ impl P2pHandle {
     /// AutoNAT off).
     pub fn reachability(&self) -> watch::Receiver<Reachability> {
         self.reachability.clone()
+    }
+
+    /// How peers reach this host (reachability, relays, hole punching, round trips), as it changes.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.clone()
+    }
+
+    /// Keeps connections to `peer` open on this side while idle (a bootstrap peer: without it, a quiet
+    /// node loses every connection after [`P2pConfig::idle_connection_timeout`] and looks offline). The
+    /// remote closes them on its side when it finds them idle unless it keeps this host too, so some
+    /// traffic within its idle timeout is still needed (the DHT pings its bootstrap peers).
+    /// Applies to existing and new connections.
+    pub fn keep_alive(&self, peer: PeerId) {
+        self.pinned
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer);
+    }
+
+    /// `peer`'s connections to this host (direct or relayed, and the latest round trip), if connected.
+    pub fn link(&self, peer: &PeerId) -> Option<Link> {
+        self.links.get(peer)
     }
 
     /// The peers with at least one open connection, as they change.
@@ -615,9 +707,32 @@ struct EventLoop {
     auto_relay_reservations: usize,
     /// Auto-relay circuit listeners and their relays.
     reservations: HashMap<ListenerId, PeerId>,
+    /// Reachability set by the user; AutoNAT's findings are then only logged.
+    forced: Option<Reachability>,
+    trusted: Vec<TrustedRelay>,
+    /// Peers that offer the relay service (seen through identify).
+    relay_capable: HashSet<PeerId>,
+    /// Relays that accepted a reservation whose circuit listener is still open.
+    accepted: HashSet<PeerId>,
+    /// This host's addresses as peers observed them, newest first.
+    observed: VecDeque<Multiaddr>,
+    /// The address a UPnP gateway mapped.
+    port_mapping: Option<Multiaddr>,
+    hole_punches: HolePunches,
+    connectivity_tx: watch::Sender<Connectivity>,
+    links: Links,
 }
 
 impl EventLoop {
+    async fn start(mut self) {
+        if self.relay_client && self.forced != Some(Reachability::Public) {
+            for index in 0..self.trusted.len() {
+                self.reserve_trusted(index);
+            }
+        }
+        self.run().await;
+    }
+
     async fn run(mut self) {
         loop {
             tokio::select! {
@@ -696,18 +811,70 @@ impl EventLoop {
             Command::OpenStream { peer, name, reply } => {
                 self.swarm.behaviour_mut().rpc.open_stream(peer, name, reply);
             }
+            Command::RetryRelay { index } => {
+                if let Some(relay) = self.trusted.get_mut(index) {
+                    relay.retry_pending = false;
+                    self.reserve_trusted(index);
+                }
+            }
             Command::Shutdown { .. } => {}
         }
     }
 
+    /// Asks trusted relay `index` for a reservation (a circuit listener through it); a failure is
+    /// retried after the relay's backoff.
+    fn reserve_trusted(&mut self, index: usize) {
+        let Some(relay) = self.trusted.get(index) else {
+            return;
+        };
+        if relay.listener.is_some() {
+            return;
+        }
+        let (peer, addr) = (relay.peer, relay.addr.clone());
+        self.swarm.behaviour_mut().rpc.book.add(peer, [addr.clone()]);
+        let circuit = addr.with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                tracing::info!(relay = %peer, "asking a trusted relay for a reservation");
+                self.trusted[index].listener = Some(id);
+            }
+            Err(e) => {
+                tracing::warn!(%circuit, error = %e, "could not listen through a trusted relay");
+                self.retry_trusted(index);
+            }
+        }
+    }
+
+    /// Schedules another try of trusted relay `index` after its backoff (which then doubles).
+    fn retry_trusted(&mut self, index: usize) {
+        let Some(relay) = self.trusted.get_mut(index) else {
+            return;
+        };
+        if relay.retry_pending {
+            return;
+        }
+        relay.retry_pending = true;
+        let wait = relay.backoff;
+        relay.backoff = (relay.backoff * 2).min(RELAY_RETRY_MAX);
+        tracing::info!(relay = %relay.peer, wait_s = wait.as_secs_f64(), "relay reservation ended; retrying");
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(commands) = me.upgrade() {
+                let _ = commands.send(Command::RetryRelay { index }).await;
+            }
+        });
+    }
+
     /// Auto relay: reserves a circuit on `relay` (a connected peer offering the hop protocol) while there
-    /// is room and AutoNAT does not call this host public.
+    /// is room and this host is not public.
     fn maybe_reserve(&mut self, relay: PeerId) {
         let public = *self.reachability_tx.borrow() == Reachability::Public;
         if public
             || !self.relay_client
             || self.reservations.len() >= self.auto_relay_reservations
             || self.reservations.values().any(|p| *p == relay)
+            || self.trusted.iter().any(|t| t.peer == relay)
         {
             return;
         }
@@ -765,6 +932,53 @@ impl EventLoop {
         });
     }
 
+    /// Recomputes [`Connectivity`] and publishes it when it changed.
+    fn publish_connectivity(&self) {
+        let (direct_connections, relayed_connections, peers, median_rtt) = self.links.summary();
+        let mut relays: Vec<RelayStatus> = self
+            .accepted
+            .iter()
+            .map(|peer| RelayStatus {
+                peer: *peer,
+                rtt: self.links.rtt(peer),
+            })
+            .collect();
+        relays.sort_by_key(|r| r.peer);
+        let relayed_addrs: Vec<Multiaddr> = self
+            .swarm
+            .listeners()
+            .filter(|a| is_relayed(a))
+            .cloned()
+            .collect();
+        let mut observed_addrs: Vec<Multiaddr> = Vec::new();
+        for addr in self.swarm.external_addresses().chain(self.observed.iter()) {
+            if !is_relayed(addr) && !observed_addrs.contains(addr) {
+                observed_addrs.push(addr.clone());
+            }
+        }
+        let reachability = *self.reachability_tx.borrow();
+        self.connectivity_tx.send_if_modified(|c| {
+            let new = Connectivity {
+                reachability,
+                forced: c.forced,
+                autonat: c.autonat,
+                seeks_relays: c.seeks_relays,
+                relays,
+                relayed_addrs,
+                observed_addrs,
+                port_mapping: self.port_mapping.clone(),
+                direct_connections,
+                relayed_connections,
+                peers,
+                median_rtt,
+                hole_punches: self.hole_punches,
+            };
+            let changed = *c != new;
+            *c = new;
+            changed
+        });
+    }
+
     fn publish_peers(&self) {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         self.peers_tx.send_replace(peers);
@@ -787,10 +1001,17 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::Behaviour(BehaviourEvent::Rpc(behaviour::Event::Inbound { peer, name, stream })) =
+            event
+        {
+            return self.serve(peer, name, stream);
+        }
+        self.on_network_event(event);
+        self.publish_connectivity();
+    }
+
+    fn on_network_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(behaviour::Event::Inbound { peer, name, stream })) => {
-                self.serve(peer, name, stream);
-            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -803,9 +1024,44 @@ impl EventLoop {
                     .book
                     .add(peer_id, info.listen_addrs);
                 if relays {
+                    self.relay_capable.insert(peer_id);
                     self.maybe_reserve(peer_id);
                 }
             }
+            SwarmEvent::NewExternalAddrCandidate { address } => {
+                self.observed.retain(|a| *a != address);
+                self.observed.push_front(address);
+                self.observed.truncate(OBSERVED_ADDRS);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => self.links.pinged(peer, rtt),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    self.hole_punches.succeeded += 1;
+                    tracing::info!(peer = %remote_peer_id, "hole punching: a relayed connection is now direct");
+                }
+                Err(e) => {
+                    self.hole_punches.failed += 1;
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed");
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(event)) => match event {
+                upnp::Event::NewExternalAddr { external_addr, .. } => {
+                    tracing::info!(addr = %external_addr, "UPnP: the gateway mapped a port");
+                    self.port_mapping = Some(external_addr);
+                }
+                upnp::Event::ExpiredExternalAddr { .. } => self.port_mapping = None,
+                upnp::Event::GatewayNotFound => tracing::debug!("UPnP: no gateway found"),
+                upnp::Event::NonRoutableGateway => {
+                    tracing::info!("UPnP: the gateway is itself behind NAT; no port mapped")
+                }
+            },
             SwarmEvent::NewListenAddr { listener_id, address } => {
                 tracing::info!(%address, "listening");
                 if let Some(reply) = self.listens.remove(&listener_id) {
@@ -817,17 +1073,34 @@ impl EventLoop {
             | SwarmEvent::ExternalAddrConfirmed { .. }
             | SwarmEvent::ExternalAddrExpired { .. } => self.publish_addrs(),
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => {
+                if let Some(forced) = self.forced {
+                    tracing::info!(autonat = ?new, ?forced, "AutoNAT's finding (reachability is forced)");
+                    return;
+                }
                 tracing::info!(status = ?new, "reachability changed");
-                self.reachability_tx.send_replace(match new {
+                let now = match new {
                     autonat::NatStatus::Public(_) => Reachability::Public,
                     autonat::NatStatus::Private => Reachability::Private,
                     autonat::NatStatus::Unknown => Reachability::Unknown,
-                });
+                };
+                self.reachability_tx.send_replace(now);
+                if now == Reachability::Private {
+                    let relays: Vec<PeerId> = self.relay_capable.iter().copied().collect();
+                    for relay in relays {
+                        if self.swarm.is_connected(&relay) {
+                            self.maybe_reserve(relay);
+                        }
+                    }
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
                 relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
             )) => {
                 tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                self.accepted.insert(relay_peer_id);
+                for relay in self.trusted.iter_mut().filter(|t| t.peer == relay_peer_id) {
+                    relay.backoff = RELAY_RETRY_MIN;
+                }
             }
             SwarmEvent::ListenerClosed {
                 listener_id,
@@ -842,20 +1115,54 @@ impl EventLoop {
                 }
                 if let Some(relay) = self.reservations.remove(&listener_id) {
                     tracing::info!(%relay, ?reason, "auto relay: circuit closed");
+                    self.accepted.remove(&relay);
+                }
+                if let Some(index) = self.trusted.iter().position(|t| t.listener == Some(listener_id)) {
+                    self.trusted[index].listener = None;
+                    self.accepted.remove(&self.trusted[index].peer);
+                    self.retry_trusted(index);
                 }
                 self.publish_addrs();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
+                endpoint,
                 ..
             } => {
+                self.links.opened(peer_id, connection_id, endpoint.is_relayed());
                 if let Some((_, reply)) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
                 self.publish_peers();
             }
-            SwarmEvent::ConnectionClosed { .. } => self.publish_peers(),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.links.closed(peer_id, connection_id);
+                if num_established == 0 {
+                    // a reservation lives on the connection to its relay: ask again (after a backoff)
+                    let stale: Vec<ListenerId> = self
+                        .trusted
+                        .iter()
+                        .filter(|t| t.peer == peer_id)
+                        .filter_map(|t| t.listener)
+                        .chain(
+                            self.reservations
+                                .iter()
+                                .filter(|(_, p)| **p == peer_id)
+                                .map(|(id, _)| *id),
+                        )
+                        .collect();
+                    for id in stale {
+                        self.swarm.remove_listener(id);
+                    }
+                }
+                self.publish_peers();
+            }
             SwarmEvent::OutgoingConnectionError {
                 connection_id, error, ..
             } => {

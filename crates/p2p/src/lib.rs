@@ -15,6 +15,7 @@
 
 pub mod behaviour;
 mod config;
+pub mod connectivity;
 mod host;
 pub mod identity;
 pub mod routing;
@@ -22,7 +23,8 @@ pub mod rpc;
 mod transport;
 
 pub use behaviour::OpenError;
-pub use config::{P2pConfig, RelayLimits, Security};
+pub use config::{P2pConfig, RELAY_RETRY_MAX, RELAY_RETRY_MIN, RelayLimits, Security};
+pub use connectivity::{Connectivity, Link, NetPath};
 pub use host::{CallError, Host, HostError, P2pHandle, Reachability};
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair, multiaddr::Protocol};
 pub use rpc::{Handler, InvalidName, StreamHandler, UnaryHandler, validate_name};

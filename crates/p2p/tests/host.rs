@@ -157,6 +157,7 @@ fn optional_parts_default_off() {
     assert_eq!(config.security, Security::NoiseAndTls);
     assert!(!config.relay_client && config.relay_service.is_none());
     assert!(!config.dcutr && !config.autonat && !config.upnp);
+    assert!(config.trusted_relays.is_empty() && config.force_reachability.is_none());
     let limits = RelayLimits::default();
     assert_eq!((limits.max_reservations, limits.max_circuits_per_peer), (128, 16));
     assert_eq!(limits.max_circuit_duration, Duration::from_secs(30 * 60));
@@ -389,4 +390,138 @@ async fn auto_relay_reserves_on_a_connected_relay() {
         .with(Protocol::P2p(b.local_peer_id()));
     assert_eq!(c.dial(b_via_relay).await.unwrap(), b.local_peer_id());
     check_echo(&c, &b).await;
+}
+
+/// A relay service on a fixed port with a fixed key, so that it can be restarted where it was.
+async fn relay_at(keypair: &apiary_p2p::Keypair, port: u16) -> P2pHandle {
+    let config = P2pConfig {
+        keypair: Some(keypair.clone()),
+        relay_service: Some(RelayLimits::default()),
+        ..P2pConfig::default()
+    };
+    let (relay, addr) = host_on(config, &format!("/ip4/127.0.0.1/tcp/{port}")).await;
+    relay.add_external_address(addr).await.unwrap();
+    relay
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A host forced private with a trusted relay reserves at once, says it is relayed (and why, with the
+/// relay's round trip), callers reach it over a relayed link, and after the relay restarts the host
+/// reserves again by itself.
+#[tokio::test]
+async fn a_trusted_relay_is_reserved_kept_and_reported() {
+    use apiary_p2p::NetPath;
+    let key = apiary_p2p::Keypair::generate_ed25519();
+    let port = free_port();
+    let relay = relay_at(&key, port).await;
+    let relay_full: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", relay.local_peer_id())
+        .parse()
+        .unwrap();
+
+    let (b, _) = Host::spawn(P2pConfig {
+        relay_client: true,
+        trusted_relays: vec![relay_full.clone()],
+        force_reachability: Some(Reachability::Private),
+        ..P2pConfig::default()
+    })
+    .unwrap();
+    assert_eq!(
+        *b.reachability().borrow(),
+        Reachability::Private,
+        "forced from the start"
+    );
+    b.add_unary_handler("Echo.rpc_echo", echo()).unwrap();
+    let mut status = b.connectivity();
+    tokio::time::timeout(
+        T,
+        status.wait_for(|c| c.path() == NetPath::Relayed && c.relays[0].rtt.is_some()),
+    )
+    .await
+    .expect("never relayed")
+    .unwrap();
+    {
+        let c = status.borrow();
+        assert!(c.forced);
+        assert_eq!(c.relays.len(), 1);
+        assert_eq!(c.relays[0].peer, relay.local_peer_id());
+        assert!(
+            c.relayed_addrs
+                .iter()
+                .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit))
+        );
+        assert!(c.reason().contains("through a relay"), "{}", c.reason());
+        assert_eq!(c.rtt(), c.relays[0].rtt);
+    }
+
+    // a caller's link to B goes through the relay
+    let (c, _) = Host::spawn(P2pConfig {
+        relay_client: true,
+        ..P2pConfig::default()
+    })
+    .unwrap();
+    let b_via_relay = relay_full
+        .clone()
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(b.local_peer_id()));
+    c.dial(b_via_relay).await.unwrap();
+    check_echo(&c, &b).await;
+    let link = c.link(&b.local_peer_id()).expect("connected");
+    assert!(!link.is_direct() && link.relayed == 1, "{link:?}");
+    tokio::time::timeout(T, status.wait_for(|s| s.relayed_connections >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // the relay goes away: the reservation ends; it comes back: B reserves again by itself
+    relay.shutdown().await;
+    tokio::time::timeout(T, status.wait_for(|s| s.relays.is_empty()))
+        .await
+        .expect("the reservation outlived its relay")
+        .unwrap();
+    assert_ne!(status.borrow().path(), NetPath::Relayed);
+    let _relay = relay_at(&key, port).await;
+    tokio::time::timeout(
+        apiary_p2p::RELAY_RETRY_MAX + T,
+        status.wait_for(|s| s.path() == NetPath::Relayed),
+    )
+    .await
+    .expect("no new reservation after the relay came back")
+    .unwrap();
+}
+
+/// Connections between peers that keep each other alive outlive the idle timeout; others close (each
+/// side closes a connection it finds idle, so a bootstrap node's side is kept by traffic: the DHT pings).
+#[tokio::test]
+async fn kept_alive_peers_stay_connected_while_idle() {
+    let quick = || P2pConfig {
+        idle_connection_timeout: Duration::from_millis(500),
+        ..P2pConfig::default()
+    };
+    let (kept, kept_addr) = host_on(quick(), "/ip4/127.0.0.1/tcp/0").await;
+    let (other, other_addr) = host_on(quick(), "/ip4/127.0.0.1/tcp/0").await;
+    let (client, _) = Host::spawn(quick()).unwrap();
+    client.keep_alive(kept.local_peer_id());
+    kept.keep_alive(client.local_peer_id());
+    client
+        .dial(kept_addr.with_p2p(kept.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    client
+        .dial(other_addr.with_p2p(other.local_peer_id()).unwrap())
+        .await
+        .unwrap();
+    let mut peers = client.connected_peers();
+    tokio::time::timeout(T, peers.wait_for(|p| !p.contains(&other.local_peer_id())))
+        .await
+        .expect("the idle connection never closed")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(client.connected_peers().borrow().contains(&kept.local_peer_id()));
 }

@@ -1,7 +1,8 @@
 import { beforeEach, describe, expect, it } from "vitest";
 import { Store } from "../store";
 import { byTestId, fakeApi, flush } from "../test/fake-api";
-import { fx, statusWithGpu } from "../test/fixtures";
+import { fx, statusRelayed, statusWithGpu } from "../test/fixtures";
+import type { NetworkPath } from "../types";
 import { mountOverview } from "./overview";
 
 function setup() {
@@ -186,5 +187,116 @@ describe("Overview: load per expert", () => {
     none.experiments = [];
     store.setStatus(none);
     expect(root.querySelector("[data-testid^=expert-load-]")).toBeNull();
+  });
+});
+
+describe("Overview: network", () => {
+  beforeEach(() => document.body.replaceChildren());
+
+  it("shows each path as a coloured word with its reason", () => {
+    const { store, root } = setup();
+    const cases: [NetworkPath, string][] = [
+      ["checking", "Checking whether peers can dial this node (AutoNAT asks connected peers)"],
+      ["direct", "Peers dialed this node back at /ip4/198.51.100.23/tcp/31337"],
+      ["relayed", "Behind NAT or a firewall; reachable through a relay"],
+      ["unreachable", "Behind NAT or a firewall; looking for a relay (none holds a reservation yet)"],
+      ["offline", "No peer is connected: the network is down or no bootstrap peer answers; retrying"],
+    ];
+    for (const [path, reason] of cases) {
+      const s = fx.status();
+      s.network.path = path;
+      s.network.reason = reason;
+      store.setStatus(s);
+      const word = byTestId(root, "network-path");
+      expect(word.textContent).toBe(path);
+      expect(word.classList.contains(`net-${path}`)).toBe(true);
+      // only the current path's class
+      expect([...word.classList].filter((c) => c.startsWith("net-") && c !== "net-path")).toEqual([`net-${path}`]);
+      expect(byTestId(root, "network-reason").textContent).toBe(reason);
+    }
+  });
+
+  it("formats the round trip, and shows — when it was not measured", () => {
+    const { store, root } = setup();
+    const s = fx.status();
+    s.network.path = "direct";
+    s.network.rtt_ms = 23.6;
+    store.setStatus(s);
+    expect(byTestId(root, "network-rtt").textContent).toBe("24 ms");
+    expect(byTestId(root, "network").textContent).toContain("median ping to connected peers");
+    s.network.rtt_ms = 0.42;
+    store.setStatus(s);
+    expect(byTestId(root, "network-rtt").textContent).toBe("0.4 ms");
+    s.network.rtt_ms = null;
+    store.setStatus(s);
+    expect(byTestId(root, "network-rtt").textContent).toBe("—");
+    expect(byTestId(root, "network").textContent).toContain("not measured yet");
+    const r = statusRelayed();
+    store.setStatus(r);
+    expect(byTestId(root, "network-rtt").textContent).toBe("38 ms");
+    expect(byTestId(root, "network").textContent).toContain("to the relay");
+  });
+
+  it("lists the relays by short peer id, with the full id and round trip", () => {
+    const { store, root } = setup();
+    store.setStatus(fx.status());
+    expect(root.querySelector("[data-testid=network-relay]")).toBeNull();
+    expect(byTestId(root, "network-relays").textContent).toBe("none");
+    const s = statusRelayed();
+    const second = "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X";
+    s.network.relays.push({ peer_id: second, rtt_ms: null });
+    store.setStatus(s);
+    const items = root.querySelectorAll<HTMLElement>("[data-testid=network-relay]");
+    expect(items.length).toBe(2);
+    const first = s.network.relays[0].peer_id;
+    expect(items[0].textContent).toBe(`12D3KooW…f7rfPB (38 ms)`);
+    expect(items[0].querySelector("code")!.title).toBe(first);
+    expect(items[1].textContent).toContain("12D3KooW…9HyQ6X");
+    expect(items[1].textContent).toContain("not measured yet");
+    expect(byTestId(root, "network-connections").textContent).toBe("2 direct, 1 relayed");
+    expect(byTestId(root, "network-hole-punches").textContent).toBe("1 made direct, 2 failed (since start)");
+    // a direct node needs none
+    const d = fx.status();
+    d.network.path = "direct";
+    store.setStatus(d);
+    expect(byTestId(root, "network-relays").textContent).toContain("not needed");
+  });
+
+  it("shows the relayed and observed addresses and the port mapping in a disclosure that stays open", () => {
+    const { store, root } = setup();
+    const s = statusRelayed();
+    store.setStatus(s);
+    const details = byTestId(root, "network-addresses") as HTMLDetailsElement;
+    expect(details.tagName).toBe("DETAILS");
+    expect(byTestId(root, "network-relayed-addrs").textContent).toBe(s.network.relayed_addrs[0]);
+    expect(byTestId(root, "network-observed-addrs").textContent).toBe("/ip4/198.51.100.23/tcp/54012");
+    expect(byTestId(root, "network-port-mapping").textContent).toBe("none");
+    details.open = true;
+    const next = statusRelayed();
+    next.network.port_mapping = "/ip4/198.51.100.23/tcp/31337";
+    next.network.relayed_addrs = [];
+    store.setStatus(next);
+    expect(details.isConnected).toBe(true);
+    expect(details.open).toBe(true);
+    expect(byTestId(root, "network-port-mapping").textContent).toBe("/ip4/198.51.100.23/tcp/31337");
+    expect(byTestId(root, "network-relayed-addrs").textContent).toBe("none");
+  });
+
+  it("keeps the reachability word, says when it is forced, and tolerates a node without `network`", () => {
+    const { store, root } = setup();
+    const s = fx.status();
+    s.reachability = "public";
+    s.network.reachability = "public";
+    s.network.forced = true;
+    s.network.path = "direct";
+    store.setStatus(s);
+    expect(byTestId(root, "reachability").textContent).toBe("public");
+    expect(byTestId(root, "network").textContent).toContain("forced by --force-reachability");
+    const old = fx.status() as unknown as Record<string, unknown>;
+    delete old.network;
+    store.setStatus(old as unknown as ReturnType<typeof fx.status>);
+    expect(byTestId(root, "network-path").textContent).toBe("unknown");
+    expect(byTestId(root, "network-reason").textContent).toBe("not reported by this node");
+    expect(byTestId(root, "reachability").textContent).toBe("unknown");
   });
 });

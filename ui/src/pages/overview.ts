@@ -7,15 +7,17 @@ import {
   formatBytes,
   formatInt,
   formatMode,
+  formatMs,
   formatReading,
   formatUntil,
   known,
   secondsUntilTomorrowAt,
+  shortPeerId,
   unknownWhy,
 } from "../format";
 import { S, totalForwardRows } from "../rolling";
 import type { Ctx } from "../store";
-import { MODES, type Mode, type NodeStatus } from "../types";
+import { MODES, type Mode, type NetworkStatus, type NodeStatus } from "../types";
 
 export const SNOOZES: { label: string; seconds: () => number }[] = [
   { label: "15 min", seconds: () => 15 * 60 },
@@ -29,6 +31,18 @@ const REACH_TEXT: Record<string, string> = {
   public: "reachable directly",
   private: "behind NAT or a firewall (others reach it only through relays)",
 };
+
+/** The round trip's meaning for each path (`NetworkStatus.rtt_ms`). */
+function rttWhy(n: NetworkStatus): string {
+  if (n.rtt_ms === null) return n.path === "offline" ? "no peer to measure" : "not measured yet";
+  return n.path === "relayed" ? "to the relay" : "median ping to connected peers";
+}
+
+/** A list of addresses as code, or a muted "none". */
+function addrList(addrs: string[], none = "none"): HTMLElement {
+  if (!addrs.length) return h("span", { class: "muted" }, none);
+  return h("ul", { class: "addrs" }, addrs.map((a) => h("li", null, h("code", null, a))));
+}
 
 /** A busy share (0–1) as a bar with its percentage; out-of-range values are clamped. */
 function busyBar(fraction: number): HTMLElement {
@@ -218,7 +232,9 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
   const rows = fig("Forward rows", "forward-samples");
   const rps = fig("Rows/s served", "rows-per-s");
   const peers = fig("Peers", "peers");
-  const reach = fig("Reachability", "reachability");
+  // the network path: the word (coloured like the state word) and why; the details in the Network panel
+  const net = fig("Network", "network-path");
+  net.why.dataset.testid = "network-reason";
   const inflight = fig("In flight", "in-flight");
 
   // --- charts
@@ -280,6 +296,54 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
   // --- hosted experiments
   const hostedEl = h("div", { class: "hosted" });
 
+  // --- network: the round trip, reachability, connections, relays; the addresses behind a disclosure
+  // (the elements stay, so an open disclosure stays open across statuses)
+  const netRtt = h("span", { "data-testid": "network-rtt" });
+  const netRttWhy = h("span", { class: "muted" });
+  const netReach = h("span", { "data-testid": "reachability" });
+  const netReachWhy = h("span", { class: "muted" });
+  const netConns = h("dd", { "data-testid": "network-connections" });
+  const netPunches = h("dd", { "data-testid": "network-hole-punches" });
+  const netRelays = h("dd", { "data-testid": "network-relays" });
+  const netRelayed = h("dd", { "data-testid": "network-relayed-addrs" });
+  const netObserved = h("dd", { "data-testid": "network-observed-addrs" });
+  const netMapping = h("dd", { "data-testid": "network-port-mapping" });
+  const netAddrs = h(
+    "details",
+    { class: "network-addrs", "data-testid": "network-addresses" },
+    h("summary", null, "Addresses and port mapping"),
+    h(
+      "dl",
+      { class: "facts" },
+      h("dt", null, "Relayed addresses"),
+      netRelayed,
+      h("dt", null, "Seen by peers"),
+      netObserved,
+      h("dt", null, "Port mapping (UPnP)"),
+      netMapping,
+    ),
+  );
+  const netEl = h(
+    "div",
+    { class: "network" },
+    h(
+      "dl",
+      { class: "facts" },
+      h("dt", null, "Round trip"),
+      h("dd", null, netRtt, " ", netRttWhy),
+      h("dt", null, "Reachability"),
+      h("dd", null, netReach, " ", netReachWhy),
+      h("dt", null, "Connections"),
+      netConns,
+      h("dt", null, "Hole punching"),
+      netPunches,
+      h("dt", null, "Relays"),
+      netRelays,
+    ),
+    netAddrs,
+  );
+  const netMissing = h("p", { class: "muted", hidden: true }, "This node does not report its network path.");
+
   root.append(
     h(
       "section",
@@ -298,9 +362,10 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
       ),
       msg,
     ),
-    h("section", { class: "panel figs", "aria-label": "Readings" }, [cpu, mem, gpu, rows, rps, inflight, peers, reach].map((f) => f.el)),
+    h("section", { class: "panel figs", "aria-label": "Readings" }, [cpu, mem, gpu, rows, rps, inflight, peers, net].map((f) => f.el)),
     h("section", { class: "panel charts", "aria-label": "Live charts, last 5 minutes" }, chartBoxes.map((c) => c.wrap)),
     h("section", { class: "panel", "aria-labelledby": "hosted-h" }, h("h2", { id: "hosted-h" }, "Experts hosted"), hostedEl),
+    h("section", { class: "panel", "aria-labelledby": "net-h", "data-testid": "network" }, h("h2", { id: "net-h" }, "Network"), netMissing, netEl),
   );
 
   if (ctx.charts) {
@@ -388,8 +453,7 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
     setText(rps.why, "forward + backward");
     setText(peers.v, String(s.peers));
     setText(peers.why, s.peers === 0 ? "no peers: is the network reachable?" : "in the routing table");
-    setText(reach.v, s.reachability);
-    setText(reach.why, REACH_TEXT[s.reachability] ?? "");
+    renderNetwork(s);
 
     // why charts are empty
     const gpusR = t?.gpus;
@@ -450,6 +514,61 @@ export function mountOverview(root: HTMLElement, ctx: Ctx): () => void {
         ),
         expertLoads(s),
       );
+    }
+  };
+
+  const renderNetwork = (s: NodeStatus) => {
+    const n = s.network as NetworkStatus | undefined;
+    // an older node without `network`: the reachability it does report, and no path
+    const reachability = n?.reachability ?? s.reachability;
+    setText(netReach, reachability);
+    setText(netReachWhy, (REACH_TEXT[reachability] ?? "") + (n?.forced ? " (forced by --force-reachability)" : ""));
+    netMissing.hidden = !!n;
+    netEl.hidden = !n;
+    if (!n) {
+      setText(net.v, "unknown");
+      net.v.className = "fig-value net-path";
+      setText(net.why, "not reported by this node");
+      return;
+    }
+    setText(net.v, n.path);
+    net.v.className = `fig-value net-path net-${n.path}`;
+    setText(net.why, n.reason);
+    setText(netRtt, formatMs(n.rtt_ms));
+    setText(netRttWhy, rttWhy(n));
+    setText(netConns, `${formatInt(n.connections.direct)} direct, ${formatInt(n.connections.relayed)} relayed`);
+    const punches = n.hole_punches;
+    setText(
+      netPunches,
+      punches ? `${formatInt(punches.succeeded)} made direct, ${formatInt(punches.failed)} failed (since start)` : "not reported",
+    );
+    const relaysKey = JSON.stringify(n.relays);
+    if (netRelays.dataset.key !== relaysKey) {
+      netRelays.dataset.key = relaysKey;
+      replace(
+        netRelays,
+        n.relays.length
+          ? h(
+              "ul",
+              { class: "relays" },
+              n.relays.map((r) =>
+                h(
+                  "li",
+                  { "data-testid": "network-relay" },
+                  h("code", { title: r.peer_id }, shortPeerId(r.peer_id)),
+                  r.rtt_ms === null ? " (round trip not measured yet)" : ` (${formatMs(r.rtt_ms)})`,
+                ),
+              ),
+            )
+          : h("span", { class: "muted" }, n.path === "direct" ? "none (not needed: reachable directly)" : "none"),
+      );
+    }
+    const addrsKey = JSON.stringify([n.relayed_addrs, n.observed_addrs, n.port_mapping]);
+    if (netAddrs.dataset.key !== addrsKey) {
+      netAddrs.dataset.key = addrsKey;
+      replace(netRelayed, addrList(n.relayed_addrs));
+      replace(netObserved, addrList(n.observed_addrs, "none yet"));
+      replace(netMapping, n.port_mapping ? h("code", null, n.port_mapping) : h("span", { class: "muted" }, "none"));
     }
   };
 

@@ -47,3 +47,24 @@ export function statusWithGpu(): NodeStatus {
   };
   return s;
 }
+
+/** A node behind NAT, reachable through one relay (the Network card's fuller case). */
+export function statusRelayed(): NodeStatus {
+  const s = fx.status();
+  const relay = "12D3KooWKc4dNEFWmQgtsqsFBVR5ZrnvT2uZVsYSpxzZtYf7rfPB";
+  s.reachability = "private";
+  s.network = {
+    reachability: "private",
+    forced: false,
+    path: "relayed",
+    reason: "Behind NAT or a firewall; reachable through a relay; hole punching made 1 direct connection",
+    rtt_ms: 38.4,
+    relays: [{ peer_id: relay, rtt_ms: 38.4 }],
+    relayed_addrs: [`/ip4/203.0.113.7/tcp/31337/p2p/${relay}/p2p-circuit/p2p/${s.peer_id}`],
+    observed_addrs: ["/ip4/198.51.100.23/tcp/54012"],
+    port_mapping: null,
+    connections: { direct: 2, relayed: 1 },
+    hole_punches: { succeeded: 1, failed: 2 },
+  };
+  return s;
+}
