@@ -46,6 +46,9 @@ pub struct CallArgs {
     node: NodeArgs,
 }
 
+/// How long to wait at start for an address observed by a peer (none comes where no peer is reachable).
+const OBSERVED_ADDRS_WAIT: Duration = Duration::from_secs(3);
+
 /// The largest `--batch × --hidden-dim` (64 Mi floats, 256 MiB per tensor).
 const MAX_ELEMENTS: usize = 64 << 20;
 
@@ -71,6 +74,14 @@ pub async fn run(args: CallArgs, out: &Output) -> Result<()> {
         }
     }
     let (p2p, dht) = start(&args.node, true).await?;
+    // hole punching offers the addresses peers observed for this host when a relayed connection opens:
+    // give the bootstrap peers' identify a moment to tell them before the first call
+    let mut connectivity = p2p.connectivity();
+    let _ = tokio::time::timeout(
+        OBSERVED_ADDRS_WAIT,
+        connectivity.wait_for(|c| !c.observed_addrs.is_empty()),
+    )
+    .await;
     let result = call_all(&args, &p2p, &dht, out).await;
     dht.shutdown().await;
     p2p.shutdown().await;

@@ -322,13 +322,18 @@ async fn status(at: &ControlArgs, out: &Output) -> Result<()> {
         out.event(line);
         return Ok(());
     }
+    let network = &status["network"];
+    let rtt = network["rtt_ms"]
+        .as_f64()
+        .map_or_else(String::new, |ms| format!(" · round trip {ms:.0} ms"));
     let mut text = format!(
-        "{}: {}\npeer {} · {} DHT peers · reachability: {}\n",
+        "{}: {}\npeer {} · {} DHT peers · network: {}{rtt} — {}\n",
         status["state"].as_str().unwrap_or("?"),
         status["reason"].as_str().unwrap_or(""),
         status["peer_id"].as_str().unwrap_or("?"),
         status["peers"],
-        status["reachability"].as_str().unwrap_or("?")
+        network["path"].as_str().unwrap_or("?"),
+        network["reason"].as_str().unwrap_or(""),
     );
     match status["experiments"].as_array() {
         Some(list) if !list.is_empty() => {

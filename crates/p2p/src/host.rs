@@ -228,11 +228,26 @@ struct TrustedRelay {
     /// The wait before the next try.
     backoff: Duration,
     retry_pending: bool,
+    /// Waiting for a connection to the relay before asking (asking while another dial to it is in
+    /// flight would fail).
+    connecting: bool,
 }
+
+/// A dial asked for through [`P2pHandle::dial`], waiting for its outcome.
+type PendingDial = (Multiaddr, oneshot::Sender<Result<PeerId, HostError>>);
 
 /// Whether `addr` goes through a relay.
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// Whether `addr` is a loopback address (never dialable from another machine).
+fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
 }
 
 /// How many observed addresses the status keeps.
@@ -270,6 +285,7 @@ impl Host {
                 listener: None,
                 backoff: RELAY_RETRY_MIN,
                 retry_pending: false,
+                connecting: false,
             });
         }
         let peer = keypair.public().to_peer_id();
@@ -281,7 +297,11 @@ impl Host {
                 config.kad_server_mode,
             ),
             identify: identify::Behaviour::new(
-                identify::Config::new("ipfs/0.1.0".into(), keypair.public()).with_agent_version(agent),
+                identify::Config::new("ipfs/0.1.0".into(), keypair.public())
+                    .with_agent_version(agent)
+                    // a relayed address appears after the connections are made: tell peers (the relay
+                    // answers peer-routing queries with it)
+                    .with_push_listen_addr_updates(true),
             ),
             ping: ping::Behaviour::default(),
             relay_client: relay_client.into(),
@@ -367,6 +387,7 @@ impl Host {
             peers_tx,
             listens: HashMap::new(),
             dials: HashMap::new(),
+            joined_dials: HashMap::new(),
             me: handle.commands.downgrade(),
             relay_client: config.relay_client,
             auto_relay_reservations: config.auto_relay_reservations,
@@ -380,6 +401,9 @@ impl Host {
             hole_punches: HolePunches::default(),
             connectivity_tx,
             links,
+            reverse: HashSet::new(),
+            reversals: HashSet::new(),
+            upgrade_relayed: config.dcutr,
         };
         Ok((handle, tokio::spawn(event_loop.start())))
     }
@@ -475,7 +499,8 @@ impl P2pHandle {
             .map_err(|_| HostError::Shutdown)
     }
 
-    /// Looks `peer` up on `/ipfs/kad/1.0.0` ([`crate::routing`]); returns its addresses, already
+    /// Looks `peer` up on `/ipfs/kad/1.0.0` ([`crate::routing`]), asking the network even when
+    /// addresses are known here (they may be the ones that just failed); returns its addresses, already
     /// recorded for dialing (none when it is connected already).
     pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, HostError> {
         self.find_peer_via(peer, Vec::new()).await
@@ -497,16 +522,21 @@ impl P2pHandle {
             })
             .await
             .ok_or(HostError::Shutdown)?;
-        if let Some(record) = known.iter().find(|r| r.peer == peer) {
-            return Ok(record.addrs.clone());
-        }
+        // the addresses known here are asked about again: a caller looks a peer up after they failed
+        // (a relayed address the peer gained since, a new port after a restart)
+        let known: Vec<PeerRecord> = known.into_iter().filter(|r| r.peer != peer).collect();
         let mut lookup = routing::Lookup::new(peer, hints, known);
         let mut in_flight = futures::stream::FuturesUnordered::new();
+        // every answer in flight when the first one names the peer adds its addresses: peers see
+        // different ones (a neighbour on the peer's LAN its private address, its relay the relayed one)
+        let mut found: Option<Vec<Multiaddr>> = None;
         loop {
-            for asked in lookup.next(
-                LOOKUP_PARALLELISM.saturating_sub(in_flight.len()),
-                LOOKUP_MAX_ASKED,
-            ) {
+            let room = if found.is_some() {
+                0
+            } else {
+                LOOKUP_PARALLELISM.saturating_sub(in_flight.len())
+            };
+            for asked in lookup.next(room, LOOKUP_MAX_ASKED) {
                 let this = self.clone();
                 in_flight.push(async move {
                     let stream = this.open_stream(asked, routing::KAD_PROTOCOL).await;
@@ -519,16 +549,20 @@ impl P2pHandle {
                 });
             }
             let Some(answer) = in_flight.next().await else {
-                return Err(HostError::PeerNotFound(peer));
+                return found.ok_or(HostError::PeerNotFound(peer));
             };
             let Ok(peers) = answer else { continue };
-            let mut found = None;
             for (other, addrs) in peers {
                 if addrs.is_empty() {
                     continue;
                 }
                 if other == peer {
-                    found = Some(addrs.clone());
+                    let all = found.get_or_insert_with(Vec::new);
+                    for addr in &addrs {
+                        if !all.contains(addr) {
+                            all.push(addr.clone());
+                        }
+                    }
                 }
                 if other != self.local_peer_id {
                     lookup.learn([other]);
@@ -537,9 +571,6 @@ impl P2pHandle {
                         .send(Command::AddAddresses { peer: other, addrs })
                         .await;
                 }
-            }
-            if let Some(addrs) = found {
-                return Ok(addrs);
             }
         }
     }
@@ -701,7 +732,9 @@ struct EventLoop {
     handler_timeout: Option<Duration>,
     peers_tx: watch::Sender<Vec<PeerId>>,
     listens: HashMap<ListenerId, oneshot::Sender<Result<Multiaddr, HostError>>>,
-    dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, HostError>>)>,
+    dials: HashMap<ConnectionId, PendingDial>,
+    /// Dials that found another dial to their peer in flight, answered by its outcome.
+    joined_dials: HashMap<PeerId, Vec<PendingDial>>,
     me: mpsc::WeakSender<Command>,
     relay_client: bool,
     auto_relay_reservations: usize,
@@ -721,6 +754,13 @@ struct EventLoop {
     hole_punches: HolePunches,
     connectivity_tx: watch::Sender<Connectivity>,
     links: Links,
+    /// Connection reversal (with hole punching on): peers that reached this host only through a relay,
+    /// to be dialed directly at their listen addresses once identify tells them.
+    reverse: HashSet<PeerId>,
+    /// The reversal dials in flight.
+    reversals: HashSet<ConnectionId>,
+    /// Whether DCUtR and connection reversal run.
+    upgrade_relayed: bool,
 }
 
 impl EventLoop {
@@ -786,6 +826,14 @@ impl EventLoop {
                     Ok(()) => {
                         self.dials.insert(id, (addr, reply));
                     }
+                    // another part of the host (the relay client reserving a circuit) is dialing the
+                    // peer already: that connection answers this dial too (one connection per peer, as
+                    // a relay routes circuits over the one holding the reservation)
+                    Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) if peer.is_some() => {
+                        if let Some(peer) = peer {
+                            self.joined_dials.entry(peer).or_default().push((addr, reply));
+                        }
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(HostError::Dial {
                             addr,
@@ -832,6 +880,19 @@ impl EventLoop {
         }
         let (peer, addr) = (relay.peer, relay.addr.clone());
         self.swarm.behaviour_mut().rpc.book.add(peer, [addr.clone()]);
+        if !self.swarm.is_connected(&peer) {
+            // connect first; the reservation is asked for once connected (another part of the host,
+            // the DHT's bootstrap, may be dialing the relay already: then this dial is skipped and
+            // that connection serves)
+            self.trusted[index].connecting = true;
+            let opts = DialOpts::peer_id(peer)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                .addresses(vec![addr])
+                .build();
+            let _ = self.swarm.dial(opts);
+            return;
+        }
+        self.trusted[index].connecting = false;
         let circuit = addr.with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
         match self.swarm.listen_on(circuit.clone()) {
             Ok(id) => {
@@ -864,6 +925,38 @@ impl EventLoop {
                 let _ = commands.send(Command::RetryRelay { index }).await;
             }
         });
+    }
+
+    /// Connection reversal: `peer` reached this host through a relay; where it listens on addresses this
+    /// host may dial (not relayed, not loopback), dial it directly. A public caller then gets a direct
+    /// connection to a host behind NAT without hole punching (which needs both sides behind NAT to
+    /// cross their dials); calls use the direct connection from then on.
+    fn reverse_connection(&mut self, peer: PeerId) {
+        if self.links.get(&peer).is_some_and(|l| l.is_direct()) {
+            return;
+        }
+        let addrs: Vec<Multiaddr> = self
+            .swarm
+            .behaviour()
+            .rpc
+            .book
+            .addresses(&peer)
+            .into_iter()
+            .filter(|a| !is_relayed(a) && !is_loopback(a))
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .addresses(addrs)
+            // not this host's listening port: DCUtR may be dialing the same peer from it
+            .allocate_new_port()
+            .build();
+        let id = opts.connection_id();
+        if self.swarm.dial(opts).is_ok() {
+            self.reversals.insert(id);
+        }
     }
 
     /// Auto relay: reserves a circuit on `relay` (a connected peer offering the hop protocol) while there
@@ -1018,6 +1111,7 @@ impl EventLoop {
                 ..
             })) => {
                 let relays = info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP_PROTOCOL);
+                tracing::debug!(peer = %peer_id, addrs = ?info.listen_addrs, "identify: where the peer listens");
                 self.swarm
                     .behaviour_mut()
                     .rpc
@@ -1026,6 +1120,9 @@ impl EventLoop {
                 if relays {
                     self.relay_capable.insert(peer_id);
                     self.maybe_reserve(peer_id);
+                }
+                if self.reverse.remove(&peer_id) {
+                    self.reverse_connection(peer_id);
                 }
             }
             SwarmEvent::NewExternalAddrCandidate { address } => {
@@ -1038,6 +1135,17 @@ impl EventLoop {
                 result: Ok(rtt),
                 ..
             })) => self.links.pinged(peer, rtt),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(ping::Failure::Timeout | ping::Failure::Other { .. }),
+            })) => {
+                // a connection that stopped answering is dead (an outage, a new address at the other
+                // end): TCP would keep it for many minutes, a relay would route circuits over it, and the
+                // status would count the peer; close it so that everything finds its way again
+                tracing::info!(%peer, "a connection stopped answering pings; closing it");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
                 result,
@@ -1134,6 +1242,24 @@ impl EventLoop {
                 if let Some((_, reply)) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
+                for (_, reply) in self.joined_dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if let Some(index) = self
+                    .trusted
+                    .iter()
+                    .position(|t| t.peer == peer_id && t.connecting)
+                {
+                    self.reserve_trusted(index);
+                }
+                if self.reversals.remove(&connection_id) {
+                    self.hole_punches.succeeded += 1;
+                    tracing::info!(peer = %peer_id, "connection reversal: dialed a peer that came through a relay directly");
+                }
+                let direct = self.links.get(&peer_id).is_some_and(|l| l.is_direct());
+                if self.upgrade_relayed && endpoint.is_relayed() && endpoint.is_listener() && !direct {
+                    self.reverse.insert(peer_id);
+                }
                 self.publish_peers();
             }
             SwarmEvent::ConnectionClosed {
@@ -1164,13 +1290,36 @@ impl EventLoop {
                 self.publish_peers();
             }
             SwarmEvent::OutgoingConnectionError {
-                connection_id, error, ..
+                connection_id,
+                error,
+                peer_id,
             } => {
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                if self.reversals.remove(&connection_id) {
+                    tracing::debug!(peer = ?peer_id, "connection reversal failed (the peer is not publicly reachable)");
+                }
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                    && let Some(index) = self.trusted.iter().position(|t| t.peer == peer && t.connecting)
+                {
+                    self.trusted[index].connecting = false;
+                    self.retry_trusted(index);
+                }
                 if let Some((addr, reply)) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Err(HostError::Dial {
                         addr,
                         reason: error.to_string(),
                     }));
+                }
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    for (addr, reply) in self.joined_dials.remove(&peer).unwrap_or_default() {
+                        let _ = reply.send(Err(HostError::Dial {
+                            addr,
+                            reason: error.to_string(),
+                        }));
+                    }
                 }
             }
             _ => {}

@@ -10,8 +10,11 @@
 //!
 //! [`P2pConfig`] switches the optional parts: QUIC-v1 and Noise-then-TLS are on by default (they cost
 //! nothing until used); the relay v2 client and service ([`RelayLimits`], p2pd's limits), DCUtR, AutoNAT
-//! and UPnP are off. [`P2pHandle::visible_addrs`] and [`P2pHandle::reachability`] publish how peers can
-//! reach the host.
+//! and UPnP are off. [`P2pHandle::visible_addrs`], [`P2pHandle::reachability`] and
+//! [`P2pHandle::connectivity`] publish how peers can reach the host ([`connectivity`]: direct, relayed,
+//! unreachable or offline, why, and the round trips); trusted relays are reserved and kept with a backoff;
+//! a peer that reached the host through a relay is dialed back directly when it can be (connection
+//! reversal); a connection whose pings time out is closed.
 
 pub mod behaviour;
 mod config;

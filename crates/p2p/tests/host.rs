@@ -525,3 +525,37 @@ async fn kept_alive_peers_stay_connected_while_idle() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(client.connected_peers().borrow().contains(&kept.local_peer_id()));
 }
+
+/// A relayed address that appears after a host joined (its reservation came later) reaches the relay's
+/// peer routing through identify push, so a caller that looks the host up gets it.
+#[tokio::test]
+async fn a_later_relayed_address_reaches_peer_routing() {
+    let (relay, relay_full) = relay().await;
+    let client = || P2pConfig {
+        relay_client: true,
+        ..P2pConfig::default()
+    };
+    let (b, _) = Host::spawn(client()).unwrap();
+    b.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).await.unwrap();
+    b.dial(relay_full.clone()).await.unwrap();
+    // identify has run on the connection before the reservation
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.listen(relay_full.clone().with(Protocol::P2pCircuit))
+        .await
+        .unwrap();
+    let (c, _) = Host::spawn(client()).unwrap();
+    c.dial(relay_full).await.unwrap();
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = c.find_peer(b.local_peer_id()).await.unwrap();
+        if found.iter().any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        found.iter().any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)),
+        "the relay answered {found:?} for {}",
+        relay.local_peer_id()
+    );
+}

@@ -685,13 +685,14 @@ mod moe {
         let script = root().join("tests/interop/bench_moe.py");
         let mut via = p.via;
         if via == Via::Netns {
-            if let Err(e) = netns_tools() {
+            if let Err(e) = crate::nat::tools() {
                 eprintln!(
                     "xtask: no network namespaces here ({e:#}); injecting the latency in the trainers instead"
                 );
                 via = Via::Transport;
             } else {
-                remove_stale_namespaces();
+                // namespaces a killed earlier run left behind (their xtask's pid is gone)
+                crate::nat::remove_stale_namespaces("apiary-moe-");
             }
         }
         let mut rows = Vec::new();
@@ -761,58 +762,6 @@ mod moe {
         }
         let report = table(&rows, &p)?;
         publish("moe.md", &report)
-    }
-
-    /// `ip` and `iptables` present (installed when missing, on Debian/Ubuntu) and root to use them.
-    fn netns_tools() -> Result<()> {
-        let present = |tool: &str| {
-            Command::new(tool)
-                .arg("-V")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let mut missing = Vec::new();
-        if !present("ip") {
-            missing.push("iproute2");
-        }
-        if !present("iptables") {
-            missing.push("iptables");
-        }
-        if !missing.is_empty() {
-            crate::step(
-                "install what the latency namespace needs",
-                Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends"])
-                    .args(&missing),
-            )?;
-        }
-        let uid = Command::new("id").arg("-u").output().context("running id -u")?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            bail!("network namespaces need root (run as root, or pass --via transport)");
-        }
-        Ok(())
-    }
-
-    /// Namespaces a killed earlier run left behind (their xtask's pid is gone).
-    fn remove_stale_namespaces() {
-        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-            return;
-        };
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            let Some(pid) = name
-                .strip_prefix("apiary-moe-")
-                .and_then(|rest| rest.split('-').next())
-            else {
-                continue;
-            };
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                eprintln!("xtask: removing the stale namespace {name}");
-                let _ = Command::new("ip").args(["netns", "del", name]).status();
-            }
-        }
     }
 
     /// A network namespace whose loopback delays every packet; deleted on drop.

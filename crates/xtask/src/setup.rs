@@ -98,6 +98,9 @@ pub fn system_packages() -> Result<()> {
         ("rpm", "rpm"),
         ("desktop-file-validate", "desktop-file-utils"),
         ("xwininfo", "x11-utils"),
+        // the NAT test's simulated internet: namespaces, veth links, a bridge, MASQUERADE
+        ("ip", "iproute2"),
+        ("iptables", "iptables"),
     ] {
         if !on_path(binary) {
             missing.push(package);
