@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 use tokio::sync::oneshot;
@@ -29,6 +29,9 @@ pub(crate) struct Shared {
     pub(crate) dropped: AtomicU64,
     pub(crate) committed: AtomicU64,
     pub(crate) path: PathBuf,
+    /// Set by the thread before it answers a close: from then on `record` says `Closed` (the channel
+    /// still takes messages until the thread has dropped its end).
+    pub(crate) closed: AtomicBool,
 }
 
 impl fmt::Debug for Msg {
@@ -68,6 +71,7 @@ impl Ledger {
             dropped: AtomicU64::new(0),
             committed: AtomicU64::new(committed),
             path: config.path.clone(),
+            closed: AtomicBool::new(false),
         });
         let worker = Worker {
             conn,
@@ -121,6 +125,9 @@ impl LedgerHandle {
     pub fn record(&self, event: Event) -> Result<(), LedgerError> {
         event.validate()?;
         let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(LedgerError::Closed);
+        }
         if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.capacity {
             shared.queued.fetch_sub(1, Ordering::AcqRel);
             shared.dropped.fetch_add(1, Ordering::Relaxed);

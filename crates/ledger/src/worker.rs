@@ -71,6 +71,7 @@ impl Worker {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Close(reply)) => match self.commit() {
                     Ok(total) => {
+                        self.shared.closed.store(true, Ordering::Release);
                         let closed = self.conn.close().map_err(|(_, e)| classify(&self.path, e));
                         reply.send(closed.map(|()| total));
                         return;
