@@ -988,15 +988,7 @@ fn punch(ctx: &Ctx<'_>, report: &mut Report) -> Result<()> {
     let ok = calls.iter().filter(|c| c.ok).count();
     let direct = calls.iter().filter(|c| c.ok && c.path == "direct").count();
     let relayed = calls.iter().filter(|c| c.ok && c.path == "relayed").count();
-    let per_call: String = calls
-        .iter()
-        .map(|c| match (c.ok, c.path.as_str()) {
-            (false, _) => 'x',
-            (true, "direct") => 'D',
-            (true, "relayed") => 'R',
-            _ => '?',
-        })
-        .collect();
+    let per_call = path_letters(&calls.iter().collect::<Vec<_>>());
     let punched = p
         .log_text()
         .contains("hole punching: a relayed connection is now direct");
